@@ -1,0 +1,348 @@
+"""The command line: ``python -m hsr_core <command> --model M --data D --out DIR``.
+
+Commands run the pipeline up to their step (earlier steps come from the cache when they were
+computed before) and write their files into ``--out``:
+
+    attribute  heads.jsonl                     Ships scores of every head
+    calibrate  norms.safetensors               safety and utility norm vectors
+    prune      summary.json (+ pruned/)        Wanda masks, achieved sparsity
+    realign    summary.json (+ both folders)   HSR restore set and its accounting
+    evaluate   eval.json                       refusals, ASR, RSR, perplexity per variant
+    export     pruned/, realigned/             save_pretrained folders
+    run        all of the above
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from .config import ConfigError, EvalConfig, ModelSpec, RealignConfig, ShipsConfig, WandaConfig
+
+COMMANDS = {
+    "attribute": "Ships attribution: score every attention head (writes heads.jsonl).",
+    "calibrate": "Wanda statistics: safety and utility norm vectors (writes norms.safetensors).",
+    "prune": "Wanda pruning masks and achieved sparsity (writes summary.json; --export: pruned/).",
+    "realign": "HSR restore set inside the top heads (writes summary.json; --export: pruned/, realigned/).",
+    "evaluate": "Answer the evaluation prompts with each variant (writes eval.json).",
+    "export": "Write the pruned and realigned models as save_pretrained folders.",
+    "run": "All steps: heads.jsonl, summary.json, and eval.json / exports when asked.",
+}
+EXAMPLE = """example:
+  python -m hsr_core run --model builtin:tiny-llava-next --data builtin --out out --export
+  python -m hsr_core run --model builtin:smollm2-135m-safe --data builtin --sparsity 0.5 \\
+      --eval-data builtin --out out/smollm2
+"""
+
+
+def _columns(text: str | None) -> dict[str, str] | None:
+    if not text:
+        return None
+    try:
+        return dict(part.split("=", 1) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--columns must look like prompt=instruction,response=output (got {text!r})"
+        ) from None
+
+
+def _add_common(p: argparse.ArgumentParser, command: str) -> None:
+    g = p.add_argument_group("model and data")
+    g.add_argument(
+        "--model",
+        required=True,
+        help="hub id, local folder, or builtin:NAME (e.g. builtin:smollm2-135m-safe)",
+    )
+    g.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    g.add_argument(
+        "--trust-remote-code", action="store_true", help="allow code from the model repository"
+    )
+    g.add_argument(
+        "--data",
+        default="builtin",
+        help="builtin, a VLGuard folder (vlguard:DIR), a JSON/JSONL/CSV file or a hub dataset id",
+    )
+    g.add_argument("--utility-data", default=None, help="separate file/dataset for the utility set")
+    g.add_argument(
+        "--columns",
+        type=_columns,
+        default=None,
+        help="column mapping, e.g. prompt=instruction,response=output,harmful=unsafe",
+    )
+    g.add_argument("--out", required=True, type=Path, help="output folder")
+    g.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help="cache root (default $HSR_CACHE_DIR or ~/.cache/hsr-workbench)",
+    )
+    g.add_argument("--recompute", action="store_true", help="ignore cached scores and norms")
+    g.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    s = p.add_argument_group("Ships attribution")
+    s.add_argument(
+        "--ships-samples", type=int, default=128, help="harmful probe prompts (default 128)"
+    )
+    s.add_argument("--ablation", default="zero", choices=["zero", "uniform"])
+    s.add_argument(
+        "--metric",
+        default="angle",
+        choices=["angle", "kl"],
+        help="dataset-level angle or per-prompt KL",
+    )
+    s.add_argument("--r-main", type=int, default=1, help="singular directions summed (default 1)")
+    s.add_argument("--ships-batch", type=int, default=16, help="ablated copies per batch")
+    s.add_argument(
+        "--heads", type=Path, default=None, help="use this heads.jsonl instead of running Ships"
+    )
+
+    w = p.add_argument_group("Wanda")
+    w.add_argument(
+        "--sparsity", type=float, default=0.5, help="fraction pruned per row (default 0.5)"
+    )
+    w.add_argument("--structure", default="unstructured", help="unstructured or N:M, e.g. 2:4")
+    w.add_argument("--mode", default="one-shot", choices=["one-shot", "sequential"])
+    w.add_argument(
+        "--tokens",
+        default="response",
+        choices=["response", "all"],
+        help="tokens counted by the statistics",
+    )
+    w.add_argument(
+        "--calib-samples", type=int, default=128, help="samples per calibration set (default 128)"
+    )
+    w.add_argument("--calib-batch", type=int, default=8)
+
+    r = p.add_argument_group("HSR realignment")
+    r.add_argument(
+        "--p", type=float, default=0.5, help="utility fraction never restored (default 0.5)"
+    )
+    r.add_argument(
+        "--q", type=float, default=0.5, help="safety fraction that may be restored (default 0.5)"
+    )
+    r.add_argument(
+        "--max-p",
+        type=float,
+        default=0.7,
+        help="utility fraction bound of candidates (default 0.7)",
+    )
+    r.add_argument("--top-h", type=int, default=None, help="heads realigned (default 10, or every head of a model with fewer)")
+    r.add_argument("--slicing", default="head", choices=["head", "reference"])
+
+    e = p.add_argument_group("evaluation and export")
+    e.add_argument(
+        "--eval-data",
+        default=None if command != "evaluate" else "builtin",
+        help='builtin or a JSONL of {"prompt", "harmful", "image"?}',
+    )
+    e.add_argument("--max-new-tokens", type=int, default=64)
+    e.add_argument("--eval-batch", type=int, default=8)
+    e.add_argument(
+        "--export", action="store_true", help="write pruned/ and realigned/ save_pretrained folders"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m hsr_core",
+        description="HSR Workbench: Ships head attribution, Wanda pruning and Hierarchical Safety Realignment.",
+        epilog=EXAMPLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, help_text in COMMANDS.items():
+        sp = sub.add_parser(
+            name,
+            help=help_text,
+            description=help_text,
+            epilog=EXAMPLE,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        _add_common(sp, name)
+    return parser
+
+
+def _structure(text: str) -> dict[str, Any]:
+    if text == "unstructured":
+        return {"structure": "unstructured"}
+    try:
+        n, m = (int(x) for x in text.split(":"))
+    except ValueError:
+        raise ConfigError(
+            f"--structure must be 'unstructured' or N:M like 2:4, got {text!r}"
+        ) from None
+    return {"structure": "n:m", "n": n, "m": m}
+
+
+def run_config(args: argparse.Namespace):
+    from .pipeline import RunConfig
+
+    return RunConfig(
+        model=ModelSpec(args.model, args.revision, args.dtype, args.device, args.trust_remote_code),
+        data=args.data,
+        columns=args.columns,
+        utility_data=args.utility_data,
+        ships=ShipsConfig(
+            args.ships_samples, args.ablation, args.metric, args.r_main, args.ships_batch
+        ),
+        wanda=WandaConfig(
+            sparsity=args.sparsity,
+            mode=args.mode,
+            tokens=args.tokens,
+            num_samples=args.calib_samples,
+            batch_size=args.calib_batch,
+            **_structure(args.structure),
+        ),
+        realign=RealignConfig(args.p, args.q, args.max_p, args.top_h or 10, args.slicing),
+        eval=EvalConfig(max_new_tokens=args.max_new_tokens, batch_size=args.eval_batch),
+        heads_file=str(args.heads) if args.heads else None,
+    )
+
+
+def execute(command: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Run ``command``; returns what was written (file name -> path)."""
+    from safetensors.torch import save_file
+
+    from . import data as data_mod
+    from . import pipeline as pl
+    from .models import load_model
+    from .ships import read_heads_jsonl, write_heads_jsonl
+    from .store import ResultCache, default_cache_dir
+    from .variants import Variants
+
+    run = run_config(args)
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    cache_root = args.cache_dir or default_cache_dir()
+    cache = ResultCache(cache_root)
+    log = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
+    written: dict[str, Any] = {}
+    timings: dict[str, float] = {}
+    cached: dict[str, bool] = {}
+
+    t0 = time.perf_counter()
+    loaded = load_model(run.model, cache_dir=cache_root, log=log)
+    timings["load"] = time.perf_counter() - t0
+    info = loaded.describe()
+    log(
+        f"Loaded {info['architecture']}: {info['parameters'] / 1e6:.1f} M parameters, "
+        f"{info['num_layers']} layers x {info['num_heads']} heads ({info['num_kv_heads']} KV), "
+        f"{info['device']}, {info['dtype']}"
+    )
+    total_heads = loaded.adapter.num_layers * loaded.adapter.num_heads
+    if args.top_h is None and run.realign.top_h > total_heads:
+        run.realign = replace(run.realign, top_h=total_heads)
+        log(f"top_h defaults to all {total_heads} heads of this small model")
+    run.realign.check_heads(loaded.adapter.num_layers, loaded.adapter.num_heads)
+    calib = data_mod.load_calibration(
+        run.data, columns=run.columns, utility_source=run.utility_data
+    )
+    eval_samples = data_mod.load_eval(args.eval_data) if args.eval_data else None
+    log(
+        f"Data: {len(calib.safety)} harmful and {len(calib.utility)} benign samples ({calib.source})"
+    )
+
+    scores = None
+    if command in ("attribute", "realign", "evaluate", "export", "run"):
+        if run.heads_file:
+            scores = read_heads_jsonl(
+                run.heads_file, loaded.adapter.num_layers, loaded.adapter.num_heads
+            )
+            timings["attribute"], cached["attribute"] = 0.0, True
+        else:
+            r = pl.attribute(
+                loaded,
+                pl.probe_prompts(loaded, calib, run.ships),
+                run.ships,
+                cache,
+                recompute=args.recompute,
+            )
+            scores = r.value
+            timings["attribute"], cached["attribute"] = r.seconds, r.cached
+            log(f"Ships: {'from cache' if r.cached else f'{r.seconds:.1f} s'}")
+        written["heads.jsonl"] = str(write_heads_jsonl(scores, out / "heads.jsonl"))
+    if command == "attribute":
+        pl.write_json(out / "summary.json", pl.summary(loaded, run, None, None, timings, cached))
+        return written
+
+    r = pl.calibrate(loaded, calib, run.wanda, cache, recompute=args.recompute)
+    norms = r.value
+    timings["calibrate"], cached["calibrate"] = r.seconds, r.cached
+    if command == "calibrate":
+        tensors = {f"safety/{k}": v for k, v in norms.safety.items()} | {
+            f"utility/{k}": v for k, v in norms.utility.items()
+        }
+        save_file(tensors, out / "norms.safetensors")
+        written["norms.safetensors"] = str(out / "norms.safetensors")
+        return written
+
+    variants = Variants(loaded, scratch=Path(cache_root) / "variants")
+    try:
+        r = pl.prune(variants, norms, calib, run.wanda)
+        timings["prune"] = r.seconds
+        masks = r.value
+        restore = None
+        if command != "prune":
+            r = pl.realign(variants, scores, run.realign, pl.rank_cache(variants, norms))
+            timings["realign"] = r.seconds
+            restore = r.value
+            log(
+                f"HSR: restored {restore.count} weights ({restore.per_10k_pruned:.3f} per 10k pruned) "
+                f"in heads {', '.join(f'{l}-{h}' for l, h in restore.heads)}"
+            )
+        if eval_samples is not None and command in ("evaluate", "run"):
+            t = time.perf_counter()
+            result = pl.evaluate(variants, eval_samples, run.eval)
+            timings["evaluate"] = time.perf_counter() - t
+            written["eval.json"] = str(pl.write_json(out / "eval.json", result))
+            for name, v in result["variants"].items():
+                log(
+                    f"{name:>10}: refusals harmful {v['refusal_rate_harmful']:.0%}, benign {v['refusal_rate_benign']:.0%}, perplexity {v['perplexity']:.2f}"
+                )
+        if args.export or command == "export":
+            t = time.perf_counter()
+            for name in ["pruned"] + (["realigned"] if restore is not None else []):
+                written[f"{name}/"] = str(pl.export_variant(variants, name, out / name))
+            timings["export"] = time.perf_counter() - t
+        if command != "evaluate":
+            timings["total"] = time.perf_counter() - t0
+            written["summary.json"] = str(
+                pl.write_json(
+                    out / "summary.json", pl.summary(loaded, run, masks, restore, timings, cached)
+                )
+            )
+    finally:
+        variants.close()
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.quiet:
+        os.environ["TQDM_DISABLE"] = "1"
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    from .data import DataError
+    from .models import ModelLoadError
+    from .progress import Cancelled
+
+    try:
+        written = execute(args.command, args)
+    except (ConfigError, DataError, ModelLoadError, Cancelled, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(written, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

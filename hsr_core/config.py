@@ -1,0 +1,220 @@
+"""Frozen, self-checking configuration for each HSR step.
+
+One dataclass per step (Ships attribution, Wanda calibration and pruning, HSR realignment,
+evaluation) plus the model spec. Every field is validated in ``__post_init__`` so that a bad
+combination fails at construction, with a message that says what to change, instead of deep
+inside a tensor operation. Defaults are the reference's (``../shared/HSR_SPEC.md`` section 6).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import Any, Literal
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+class ConfigError(ValueError):
+    """A configuration value is out of range or inconsistent with another one."""
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _fraction(name: str, value: float, *, upper_inclusive: bool = True) -> None:
+    hi_ok = value <= 1.0 if upper_inclusive else value < 1.0
+    _check(
+        value >= 0.0 and hi_ok,
+        f"{name} must be a fraction in [0, {'1]' if upper_inclusive else '1)'}, got {value!r}"
+        " (fractions, not percents: 0.5 means 50%)",
+    )
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Which model to load and where.
+
+    Attributes:
+        name: a Hugging Face hub id, a local folder, or ``builtin:<name>``.
+        revision: hub revision (branch, tag or commit); ignored for folders.
+        dtype: weight dtype; ``auto`` takes bfloat16 on a GPU and float32 on the CPU.
+        device: ``auto`` (a GPU when there is one), ``cpu``, ``cuda`` or ``mps``.
+        trust_remote_code: let transformers run code from the checkpoint's repository.
+    """
+
+    name: str
+    revision: str | None = None
+    dtype: str = "auto"
+    device: str = "auto"
+    trust_remote_code: bool = False
+
+    def __post_init__(self) -> None:
+        _check(bool(self.name and self.name.strip()), "model name is empty")
+        _check(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        _check(
+            self.device in DEVICES or self.device.startswith("cuda:"),
+            f"device must be one of {DEVICES} or cuda:N, got {self.device!r}",
+        )
+
+
+@dataclass(frozen=True)
+class ShipsConfig:
+    """Ships head attribution (spec section 2).
+
+    Attributes:
+        num_samples: how many harmful probe prompts to use.
+        ablation: ``zero`` removes the head's output; ``uniform`` replaces it with the causal
+            running mean of its values (undifferentiated attention).
+        metric: ``angle`` is dataset-level Ships (principal angles of the left singular
+            vectors); ``kl`` is per-prompt KL of the next-token distribution, averaged.
+        r_main: how many leading singular directions the angle sums over.
+        batch_size: ablated copies of a prompt run side by side in one replay batch.
+        seed: picks which probe prompts are used when there are more than ``num_samples``.
+    """
+
+    num_samples: int = 128
+    ablation: Literal["zero", "uniform"] = "zero"
+    metric: Literal["angle", "kl"] = "angle"
+    r_main: int = 1
+    batch_size: int = 16
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.num_samples >= 1, f"num_samples must be >= 1, got {self.num_samples}")
+        _check(self.ablation in ("zero", "uniform"), f"unknown ablation {self.ablation!r}")
+        _check(self.metric in ("angle", "kl"), f"unknown Ships metric {self.metric!r}")
+        _check(self.r_main >= 1, f"r_main must be >= 1, got {self.r_main}")
+        _check(
+            self.metric != "angle" or self.r_main <= self.num_samples,
+            f"r_main ({self.r_main}) cannot exceed the number of probe prompts "
+            f"({self.num_samples}): there are only that many singular directions",
+        )
+        _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+
+
+@dataclass(frozen=True)
+class WandaConfig:
+    """Wanda statistics and pruning masks (spec section 3).
+
+    Attributes:
+        sparsity: fraction of each row's weights pruned (unstructured).
+        structure: ``unstructured`` or ``n:m`` (``n`` of every ``m`` consecutive inputs pruned).
+        n, m: the N:M pattern, e.g. 2:4.
+        mode: ``one-shot`` takes all statistics from the dense model; ``sequential`` prunes
+            layer by layer, each layer's statistics taken after the earlier layers are pruned.
+        tokens: ``response`` counts only the answer tokens of each sample; ``all`` every token.
+        num_samples: calibration samples per set (safety and utility).
+        batch_size: calibration samples per forward pass.
+        seed: which samples are drawn when a set has more than ``num_samples``.
+    """
+
+    sparsity: float = 0.5
+    structure: Literal["unstructured", "n:m"] = "unstructured"
+    n: int = 2
+    m: int = 4
+    mode: Literal["one-shot", "sequential"] = "one-shot"
+    tokens: Literal["response", "all"] = "response"
+    num_samples: int = 128
+    batch_size: int = 8
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _fraction("sparsity", self.sparsity, upper_inclusive=False)
+        _check(self.structure in ("unstructured", "n:m"), f"unknown structure {self.structure!r}")
+        if self.structure == "n:m":
+            _check(
+                1 <= self.n < self.m,
+                f"N:M pattern needs 1 <= N < M, got {self.n}:{self.m}",
+            )
+        _check(self.mode in ("one-shot", "sequential"), f"unknown mode {self.mode!r}")
+        _check(self.tokens in ("response", "all"), f"unknown token selection {self.tokens!r}")
+        _check(self.num_samples >= 1, f"num_samples must be >= 1, got {self.num_samples}")
+        _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+
+    @property
+    def target_sparsity(self) -> float:
+        """The fraction of weights the mask prunes (N/M for semi-structured masks)."""
+        return self.n / self.m if self.structure == "n:m" else self.sparsity
+
+    def stats_key(self) -> dict[str, Any]:
+        """The fields that change the norm statistics (one-shot), for cache keys."""
+        return {"tokens": self.tokens, "num_samples": self.num_samples, "seed": self.seed}
+
+
+@dataclass(frozen=True)
+class RealignConfig:
+    """HSR restore set (spec section 4).
+
+    Attributes:
+        p: utility ranks above the top ``p`` fraction are never restored.
+        q: only the top ``q`` fraction by safety score can be restored.
+        max_p: only weights within the top ``max_p`` fraction by utility can be restored.
+        top_h: how many of the highest-scoring Ships heads are realigned.
+        slicing: ``head`` restores only the head's own weights (the paper's reading);
+            ``reference`` reproduces the released code's slicing.
+    """
+
+    p: float = 0.5
+    q: float = 0.5
+    max_p: float = 0.7
+    top_h: int = 10
+    slicing: Literal["head", "reference"] = "head"
+
+    def __post_init__(self) -> None:
+        _fraction("p", self.p)
+        _fraction("q", self.q)
+        _fraction("max_p", self.max_p)
+        _check(
+            self.p <= self.max_p,
+            f"p ({self.p}) must not exceed max_p ({self.max_p}): restore candidates have a "
+            "utility rank between the top p and the top max_p fractions, so p > max_p "
+            "selects nothing. Lower p or raise max_p.",
+        )
+        _check(self.top_h >= 1, f"top_h must be >= 1, got {self.top_h}")
+        _check(self.slicing in ("head", "reference"), f"unknown slicing {self.slicing!r}")
+
+    def check_heads(self, num_layers: int, num_heads: int) -> None:
+        """Raise when ``top_h`` exceeds the model's ``num_layers * num_heads`` heads."""
+        total = num_layers * num_heads
+        _check(
+            self.top_h <= total,
+            f"top_h ({self.top_h}) exceeds the model's {total} attention heads "
+            f"({num_layers} layers x {num_heads} heads)",
+        )
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Generation settings for evaluation.
+
+    Attributes:
+        max_new_tokens: tokens generated per answer.
+        batch_size: prompts generated together (left-padded).
+        min_words: answers with fewer words are counted as refusals (the paper's rule).
+    """
+
+    max_new_tokens: int = 64
+    batch_size: int = 8
+    min_words: int = 5
+
+    def __post_init__(self) -> None:
+        _check(self.max_new_tokens >= 1, "max_new_tokens must be >= 1")
+        _check(self.batch_size >= 1, "batch_size must be >= 1")
+        _check(self.min_words >= 0, "min_words must be >= 0")
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A JSON-ready dict of a config dataclass."""
+    return dataclasses.asdict(cfg)
+
+
+def fingerprint(obj: Any) -> str:
+    """Canonical JSON of a config (or dict of configs), used inside cache keys."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        obj = dataclasses.asdict(obj)
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)

@@ -1,0 +1,613 @@
+"""Samples, the built-in sets, loaders, and chat encoding (spec section 1).
+
+A ``Sample`` is a request, optionally an answer and an image. Two calibration sets feed HSR:
+the safety set (harmful requests with refusals) and the utility set (benign requests with
+helpful answers); the harmful prompts double as Ships probe prompts. Loaders cover the
+built-in sets in ``assets/data``, VLGuard's ``train.json`` + image folder, and any local
+JSON / JSONL / CSV file or ``datasets`` hub dataset through a column mapping.
+
+``encode`` turns samples into model inputs through the model's chat template and marks which
+tokens belong to the response, so Wanda statistics can count answer tokens only.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import random
+import textwrap
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+BUILTIN_DIR = ASSETS / "data"
+COLUMNS = ("prompt", "response", "image", "harmful")
+
+
+class DataError(ValueError):
+    """A dataset could not be read; the message names the file and row."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One request (and optionally its answer and image).
+
+    Attributes:
+        prompt: the user's request.
+        response: the reference answer (a refusal in the safety set), or None.
+        image: path of an image file, or None.
+        image_text: text to render as a typographic image when ``image`` is None.
+        harmful: whether the request is harmful, when known.
+        category: harm or topic category.
+        id: a stable identifier.
+    """
+
+    prompt: str
+    response: str | None = None
+    image: str | None = None
+    image_text: str | None = None
+    harmful: bool | None = None
+    category: str = ""
+    id: str = ""
+
+    @property
+    def has_image(self) -> bool:
+        return self.image is not None or self.image_text is not None
+
+
+@dataclass
+class CalibrationData:
+    """The two calibration sets (and where they came from)."""
+
+    safety: list[Sample]
+    utility: list[Sample]
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.safety:
+            raise DataError(f"{self.source}: the safety set (harmful requests) is empty")
+        if not self.utility:
+            raise DataError(f"{self.source}: the utility set (benign requests) is empty")
+
+
+# ---------------------------------------------------------------------------------------------
+# images
+
+
+@lru_cache(maxsize=512)
+def render_text_image(text: str, size: int = 336) -> Any:
+    """Render ``text`` as a typographic image (black on white), deterministic.
+
+    Args:
+        text: the text to draw, wrapped to fit.
+        size: width and height in pixels.
+
+    Returns:
+        An RGB ``PIL.Image``.
+    """
+    from PIL import Image, ImageDraw, ImageFont
+
+    img = Image.new("RGB", (size, size), "white")
+    draw = ImageDraw.Draw(img)
+    font_size = max(12, size // 14)
+    try:
+        font = ImageFont.load_default(size=font_size)
+    except TypeError:  # Pillow without FreeType
+        font = ImageFont.load_default()
+    chars = max(8, int(size / (font_size * 0.55)))
+    y = size // 16
+    for line in textwrap.wrap(text, width=chars)[: max(1, (size - y) // (font_size + 4))]:
+        draw.text((size // 16, y), line, fill="black", font=font)
+        y += font_size + 4
+    return img
+
+
+def load_image(sample: Sample) -> Any | None:
+    """The sample's image as RGB PIL, or None."""
+    if sample.image is not None:
+        from PIL import Image
+
+        try:
+            with Image.open(sample.image) as im:
+                return im.convert("RGB")
+        except (OSError, ValueError) as e:
+            raise DataError(
+                f"cannot open image {sample.image!r} of sample {sample.id!r}: {e}"
+            ) from e
+    if sample.image_text is not None:
+        return render_text_image(sample.image_text)
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# loaders
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: row {i}: not valid JSON ({e.msg})") from e
+        if not isinstance(row, dict):
+            raise DataError(f"{path}: row {i}: expected a JSON object, got {type(row).__name__}")
+        rows.append(row)
+    return rows
+
+
+def _read_rows(path: Path) -> list[dict[str, Any]]:
+    """Rows of a local .jsonl, .json (a list of objects) or .csv file."""
+    if not path.exists():
+        raise DataError(f"no data file {path}")
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        return _read_jsonl(path)
+    if suffix == ".json":
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from e
+        if (
+            isinstance(data, dict)
+            and len(data) == 1
+            and isinstance(next(iter(data.values())), list)
+        ):
+            data = next(iter(data.values()))
+        if not isinstance(data, list):
+            raise DataError(f"{path}: expected a JSON list of objects")
+        for i, row in enumerate(data, start=1):
+            if not isinstance(row, dict):
+                raise DataError(f"{path}: row {i}: expected a JSON object")
+        return data
+    if suffix == ".csv":
+        with open(path, newline="", encoding="utf-8") as f:
+            return list(csv.DictReader(f))
+    raise DataError(f"{path}: unsupported file type {suffix!r}; use .jsonl, .json or .csv")
+
+
+def _as_bool(value: Any, where: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in (
+        "true",
+        "1",
+        "yes",
+        "harmful",
+        "unsafe",
+    ):
+        return True
+    if isinstance(value, str) and value.strip().lower() in ("false", "0", "no", "benign", "safe"):
+        return False
+    raise DataError(f"{where}: cannot read {value!r} as true/false")
+
+
+def rows_to_samples(
+    rows: Sequence[dict[str, Any]],
+    source: str,
+    columns: dict[str, str] | None = None,
+    *,
+    need_response: bool = False,
+    base_dir: Path | None = None,
+) -> list[Sample]:
+    """Turn table rows into samples through a column mapping.
+
+    Args:
+        rows: dict rows.
+        source: file name or dataset id, for error messages.
+        columns: maps ``prompt``, ``response``, ``image``, ``harmful`` to the table's column
+            names (identity when omitted).
+        need_response: every row must have a non-empty response.
+        base_dir: relative image paths are resolved against it.
+
+    Raises:
+        DataError: naming the source and the row.
+    """
+    cols = {c: c for c in COLUMNS}
+    if columns:
+        unknown = set(columns) - set(COLUMNS)
+        if unknown:
+            raise DataError(f"unknown column mapping keys {sorted(unknown)}; use {list(COLUMNS)}")
+        cols.update(columns)
+    samples = []
+    for i, row in enumerate(rows, start=1):
+        where = f"{source}: row {i}"
+        prompt = row.get(cols["prompt"])
+        if not isinstance(prompt, str) or not prompt.strip():
+            have = ", ".join(sorted(map(str, row))) or "none"
+            raise DataError(
+                f"{where}: no text in the prompt column {cols['prompt']!r} (columns: {have}); "
+                "map it with prompt=<column>"
+            )
+        response = row.get(cols["response"])
+        if response is not None and not isinstance(response, str):
+            raise DataError(f"{where}: response must be text, got {type(response).__name__}")
+        if need_response and not (response and response.strip()):
+            raise DataError(f"{where}: empty response in column {cols['response']!r}")
+        image = row.get(cols["image"])
+        if image is not None and image != "":
+            if not isinstance(image, str):
+                raise DataError(f"{where}: image must be a file path")
+            image_path = Path(image)
+            if base_dir is not None and not image_path.is_absolute():
+                image_path = base_dir / image_path
+            if not image_path.exists():
+                raise DataError(f"{where}: image file {str(image_path)!r} does not exist")
+            image = str(image_path)
+        else:
+            image = None
+        harmful = row.get(cols["harmful"])
+        harmful = None if harmful is None or harmful == "" else _as_bool(harmful, where)
+        samples.append(
+            Sample(
+                prompt=prompt.strip(),
+                response=response,
+                image=image,
+                harmful=harmful,
+                category=str(row.get("category") or ""),
+                id=str(row.get("id") or f"{Path(source).name}:{i}"),
+            )
+        )
+    if not samples:
+        raise DataError(f"{source}: no rows")
+    return samples
+
+
+def load_table(
+    source: str | Path,
+    columns: dict[str, str] | None = None,
+    *,
+    split: str = "train",
+    need_response: bool = False,
+) -> list[Sample]:
+    """Samples from a local JSON/JSONL/CSV file or a ``datasets`` hub dataset id."""
+    path = Path(source).expanduser()
+    if path.exists():
+        return rows_to_samples(
+            _read_rows(path), str(path), columns, need_response=need_response, base_dir=path.parent
+        )
+    if str(source).endswith((".json", ".jsonl", ".csv")):
+        raise DataError(f"no data file {source}")
+    try:
+        import datasets
+
+        ds = datasets.load_dataset(str(source), split=split)
+    except Exception as e:
+        raise DataError(
+            f"could not load dataset {source!r} (split {split!r}) from the hub: "
+            f"{type(e).__name__}: {e}. Check the id and the network, or give a local file."
+        ) from e
+    return rows_to_samples(list(ds), str(source), columns, need_response=need_response)
+
+
+def load_vlguard(folder: str | Path, *, json_name: str = "train.json") -> CalibrationData:
+    """VLGuard's ``train.json`` and image folder, split as the reference does.
+
+    Utility set: safe images with their ``safe_instruction`` (``train_safe_safes``). Safety set:
+    every unsafe request, i.e. instructions on unsafe images and ``unsafe_instruction`` on safe
+    images (``train_unsafes``), each with VLGuard's refusal.
+    """
+    folder = Path(folder).expanduser()
+    path = folder / json_name if folder.is_dir() else folder
+    base = path.parent
+    try:
+        entries = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as e:
+        raise DataError(f"no VLGuard {json_name} in {folder}") from e
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from e
+    safety, utility = [], []
+    for i, entry in enumerate(entries, start=1):
+        where = f"{path}: entry {i}"
+        if not isinstance(entry, dict) or "image" not in entry or "instr-resp" not in entry:
+            raise DataError(f"{where}: expected keys 'image', 'safe' and 'instr-resp'")
+        image = base / entry["image"]
+        if not image.exists():
+            image = base / "images" / entry["image"]
+        if not image.exists():
+            raise DataError(f"{where}: image {entry['image']!r} not found under {base}")
+        safe_image = _as_bool(entry.get("safe", False), where)
+        for j, ir in enumerate(entry["instr-resp"]):
+            response = ir.get("response")
+            if not isinstance(response, str):
+                raise DataError(f"{where}, instr-resp {j}: no response")
+            sid = f"{entry.get('id', i)}-{j}"
+            if "safe_instruction" in ir and safe_image:
+                utility.append(
+                    Sample(ir["safe_instruction"], response, str(image), harmful=False, id=sid)
+                )
+            elif "unsafe_instruction" in ir or "instruction" in ir:
+                prompt = ir.get("unsafe_instruction") or ir.get("instruction")
+                safety.append(Sample(prompt, response, str(image), harmful=True, id=sid))
+            elif "safe_instruction" in ir:  # safe instruction on an unsafe image
+                safety.append(
+                    Sample(ir["safe_instruction"], response, str(image), harmful=True, id=sid)
+                )
+            else:
+                raise DataError(f"{where}, instr-resp {j}: no instruction key")
+    return CalibrationData(safety, utility, source=f"VLGuard {path}")
+
+
+def _builtin_rows(name: str) -> list[dict[str, Any]]:
+    return _read_jsonl(BUILTIN_DIR / f"{name}.jsonl")
+
+
+def with_typographic_images(samples: Sequence[Sample]) -> list[Sample]:
+    """Attach a typographic rendering of each request as its image (for vision models)."""
+    return [s if s.has_image else replace(s, image_text=s.prompt) for s in samples]
+
+
+def builtin_calibration() -> CalibrationData:
+    """The project's built-in safety (harmful + refusal) and utility (benign + answer) sets."""
+    safety = rows_to_samples(_builtin_rows("harmful"), "builtin harmful.jsonl", need_response=True)
+    utility = rows_to_samples(_builtin_rows("benign"), "builtin benign.jsonl", need_response=True)
+    safety = [replace(s, harmful=True) for s in safety]
+    utility = [replace(s, harmful=False) for s in utility]
+    return CalibrationData(safety, utility, source="builtin")
+
+
+def builtin_eval() -> list[Sample]:
+    """The held-out built-in evaluation split (harmful, benign and borderline prompts)."""
+    rows = _builtin_rows("eval")
+    return rows_to_samples(rows, "builtin eval.jsonl", {"response": "reference"})
+
+
+def load_eval(source: str | Path) -> list[Sample]:
+    """Evaluation prompts: ``builtin`` or a JSONL of ``{"prompt", "harmful", "image"?}``."""
+    if str(source) == "builtin":
+        return builtin_eval()
+    samples = load_table(source, {"response": "reference"} if _has_reference(source) else None)
+    for i, s in enumerate(samples, start=1):
+        if s.harmful is None:
+            raise DataError(f"{source}: row {i}: missing 'harmful' (true or false)")
+    return samples
+
+
+def _has_reference(source: str | Path) -> bool:
+    path = Path(source)
+    if path.suffix != ".jsonl" or not path.exists():
+        return False
+    first = next((ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()), "{}")
+    try:
+        return "reference" in json.loads(first) and "response" not in json.loads(first)
+    except json.JSONDecodeError:
+        return False
+
+
+def load_calibration(
+    source: str,
+    *,
+    columns: dict[str, str] | None = None,
+    utility_source: str | None = None,
+    split: str = "train",
+) -> CalibrationData:
+    """The two calibration sets from a data spec.
+
+    Args:
+        source: ``builtin``; a VLGuard folder (holding ``train.json``) or ``vlguard:<folder>``;
+            a file or hub dataset with a ``harmful`` column that splits it; or, with
+            ``utility_source``, the safety set alone.
+        columns: column mapping for files and hub datasets.
+        utility_source: a separate file or dataset for the utility set.
+        split: the hub dataset split.
+    """
+    if source == "builtin":
+        return builtin_calibration()
+    if source.startswith("vlguard:"):
+        return load_vlguard(source.split(":", 1)[1])
+    if Path(source).is_dir():
+        if (Path(source) / "train.json").exists():
+            return load_vlguard(source)
+        raise DataError(f"folder {source} holds no VLGuard train.json")
+    rows = load_table(source, columns, split=split, need_response=True)
+    if utility_source is not None:
+        utility = load_table(utility_source, columns, split=split, need_response=True)
+        return CalibrationData(rows, utility, source=f"{source} + {utility_source}")
+    if any(s.harmful is None for s in rows):
+        raise DataError(
+            f"{source}: to split one table into safety and utility sets every row needs a "
+            "'harmful' column (map it with harmful=<column>), or give the utility set separately"
+        )
+    return CalibrationData(
+        [s for s in rows if s.harmful], [s for s in rows if not s.harmful], source=source
+    )
+
+
+def select(samples: Sequence[Sample], n: int, seed: int = 0) -> list[Sample]:
+    """A reproducible subset of ``n`` samples (all of them, in order, when there are fewer)."""
+    if n >= len(samples):
+        return list(samples)
+    idx = sorted(random.Random(seed).sample(range(len(samples)), n))
+    return [samples[i] for i in idx]
+
+
+def fingerprint(samples: Sequence[Sample]) -> str:
+    """SHA-256 over the samples' text and images, for cache keys."""
+    h = hashlib.sha256()
+    for s in samples:
+        h.update(json.dumps([s.prompt, s.response, s.image_text]).encode())
+        if s.image is not None:
+            h.update(hashlib.sha256(Path(s.image).read_bytes()).digest())
+    return h.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------
+# encoding
+
+
+@dataclass
+class Batch:
+    """Model inputs for a batch of samples.
+
+    Attributes:
+        inputs: keyword arguments for the model (``input_ids``, ``attention_mask`` and, for
+            vision-language models, ``pixel_values`` and friends).
+        response_mask: bool ``[batch, seq]``, True on response tokens.
+        prompt_lengths: tokens before the response, per sample.
+    """
+
+    inputs: dict[str, torch.Tensor]
+    response_mask: torch.Tensor
+    prompt_lengths: list[int] = field(default_factory=list)
+
+    def to(self, device: torch.device | str) -> Batch:
+        moved = {k: v.to(device) if torch.is_tensor(v) else v for k, v in self.inputs.items()}
+        return Batch(moved, self.response_mask.to(device), self.prompt_lengths)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.inputs["attention_mask"].sum())
+
+
+def messages_for(
+    sample: Sample, *, vision: bool, system: str | None = None
+) -> list[dict[str, Any]]:
+    """Chat messages for a sample's request (no answer)."""
+    msgs: list[dict[str, Any]] = []
+    if system:
+        msgs.append(
+            {"role": "system", "content": [{"type": "text", "text": system}] if vision else system}
+        )
+    if vision:
+        content = [{"type": "image"}] if sample.has_image else []
+        content.append({"type": "text", "text": sample.prompt})
+        msgs.append({"role": "user", "content": content})
+    else:
+        msgs.append({"role": "user", "content": sample.prompt})
+    return msgs
+
+
+def _templater(loaded: Any) -> Any:
+    return loaded.processor if loaded.is_vision else loaded.tokenizer
+
+
+def prompt_text(loaded: Any, sample: Sample, system: str | None = None) -> str:
+    """The request rendered through the chat template, with the generation prompt."""
+    return _templater(loaded).apply_chat_template(
+        messages_for(sample, vision=loaded.is_vision, system=system),
+        add_generation_prompt=True,
+        tokenize=False,
+    )
+
+
+def response_text(loaded: Any, sample: Sample, prompt: str, system: str | None = None) -> str:
+    """The text the chat template puts after ``prompt`` for the sample's answer."""
+    vision = loaded.is_vision
+    msgs = messages_for(sample, vision=vision, system=system)
+    answer = [{"type": "text", "text": sample.response}] if vision else sample.response
+    full = _templater(loaded).apply_chat_template(
+        msgs + [{"role": "assistant", "content": answer}], tokenize=False
+    )
+    if full.startswith(prompt):
+        return full[len(prompt) :]
+    return sample.response + (loaded.tokenizer.eos_token or "")
+
+
+def encode_one(
+    loaded: Any, sample: Sample, *, with_response: bool = True, system: str | None = None
+) -> tuple[dict[str, torch.Tensor], int, int]:
+    """Encode one sample.
+
+    Returns:
+        ``(inputs, prompt_len, response_len)`` with batch dimension 1.
+    """
+    text = prompt_text(loaded, sample, system)
+    if loaded.is_vision:
+        image = load_image(sample)
+        kwargs = {"images": image} if image is not None else {}
+        inputs = dict(loaded.processor(text=text, return_tensors="pt", **kwargs))
+    else:
+        ids = loaded.tokenizer(text, add_special_tokens=False)["input_ids"]
+        inputs = {
+            "input_ids": torch.tensor([ids]),
+            "attention_mask": torch.ones(1, len(ids), dtype=torch.long),
+        }
+    prompt_len = inputs["input_ids"].shape[1]
+    resp_len = 0
+    if with_response and sample.response:
+        resp = loaded.tokenizer(
+            response_text(loaded, sample, text, system), add_special_tokens=False
+        )["input_ids"]
+        resp_len = len(resp)
+        inputs["input_ids"] = torch.cat([inputs["input_ids"], torch.tensor([resp])], dim=1)
+        inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+    return inputs, prompt_len, resp_len
+
+
+def _pad_to(t: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    pad: list[int] = []
+    for have, want in zip(reversed(t.shape), reversed(shape), strict=True):
+        pad += [0, want - have]
+    return torch.nn.functional.pad(t, pad)
+
+
+def collate(
+    encoded: Sequence[tuple[dict[str, torch.Tensor], int, int]], pad_id: int, *, side: str = "right"
+) -> Batch:
+    """Pad a list of ``encode_one`` results into a batch.
+
+    Token tensors are padded on ``side``; every other tensor (pixel values, image sizes, grids)
+    is concatenated along dim 0, zero-padded to a common shape when the samples differ.
+    """
+    seq = max(e[0]["input_ids"].shape[1] for e in encoded)
+    ids, att, resp, lens = [], [], [], []
+    for inputs, plen, rlen in encoded:
+        n = inputs["input_ids"].shape[1]
+        gap = seq - n
+        left = gap if side == "left" else 0
+        right = gap - left
+        ids.append(torch.nn.functional.pad(inputs["input_ids"], (left, right), value=pad_id))
+        att.append(torch.nn.functional.pad(inputs["attention_mask"], (left, right), value=0))
+        r = torch.zeros(1, seq, dtype=torch.bool)
+        r[0, left + plen : left + plen + rlen] = True
+        resp.append(r)
+        lens.append(plen)
+    out = {"input_ids": torch.cat(ids), "attention_mask": torch.cat(att)}
+    others = {k for e in encoded for k in e[0] if k not in out}
+    for k in sorted(others):
+        parts = [e[0][k] for e in encoded]
+        shape = [max(p.shape[d] for p in parts) for d in range(parts[0].dim())]
+        out[k] = torch.cat([_pad_to(p, [p.shape[0], *shape[1:]]) for p in parts])
+    return Batch(out, torch.cat(resp), lens)
+
+
+def iter_batches(
+    loaded: Any,
+    samples: Sequence[Sample],
+    batch_size: int,
+    *,
+    with_response: bool = True,
+    side: str = "right",
+    system: str | None = None,
+) -> Iterator[Batch]:
+    """Encode and batch samples (on the CPU; move them with ``Batch.to``)."""
+    pad_id = loaded.tokenizer.pad_token_id
+    chunk: list[Sample] = []
+    for s in samples:
+        # a batch never mixes samples with and without an image (their inputs differ in kind)
+        if chunk and (
+            len(chunk) == batch_size or (loaded.is_vision and s.has_image != chunk[0].has_image)
+        ):
+            yield collate(
+                [encode_one(loaded, c, with_response=with_response, system=system) for c in chunk],
+                pad_id,
+                side=side,
+            )
+            chunk = []
+        chunk.append(s)
+    if chunk:
+        yield collate(
+            [encode_one(loaded, c, with_response=with_response, system=system) for c in chunk],
+            pad_id,
+            side=side,
+        )

@@ -1,0 +1,438 @@
+"""Loading models and mapping their architecture.
+
+``load_model`` resolves a hub id, a local folder or a ``builtin:`` name to a local folder and
+loads it through transformers' Auto classes, with its tokenizer or processor. ``ModelAdapter``
+finds, for any supported architecture, the language model's decoder layers, their attention
+projections (``q/k/v/o_proj``), MLP projections, the final norm, the LM head and the head
+geometry (``num_attention_heads``, ``num_key_value_heads``, ``head_dim``), MHA and GQA alike.
+
+Everything HSR touches lives in the decoder layers of the language model (spec: "the vision
+tower, the projector, embeddings and the LM head are never scored, pruned or restored").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import ModelSpec
+
+ATTN_PROJS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+SUPPORTED = (
+    "Llama, Mistral and Qwen2 text models (…ForCausalLM); LlavaForConditionalGeneration, "
+    "LlavaNextForConditionalGeneration, Qwen2-VL and Qwen2.5-VL"
+)
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be found, downloaded or loaded; the message says what to do."""
+
+
+class ArchitectureError(ModelLoadError):
+    """The model loaded but its layers could not be mapped to HSR's vocabulary."""
+
+
+@dataclass
+class ModelAdapter:
+    """Where HSR's pieces live inside one loaded model.
+
+    Attributes:
+        layers_path: dotted module path of the decoder layer list, e.g.
+            ``model.language_model.layers``.
+        layers: the decoder layers (``num_hidden_layers`` of them).
+        final_norm: the norm applied after the last decoder layer.
+        lm_head: the output projection to the vocabulary.
+        num_layers, num_heads, num_kv_heads, head_dim, hidden_size: the head geometry.
+        mlp_projs: names of the MLP linears inside each layer's ``mlp``.
+    """
+
+    layers_path: str
+    layers: nn.ModuleList
+    final_norm: nn.Module
+    lm_head: nn.Module
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    hidden_size: int
+    mlp_projs: tuple[str, ...]
+    attn_attr: str = "self_attn"
+    mlp_attr: str = "mlp"
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per KV head (``H / K``)."""
+        return self.num_heads // self.num_kv_heads
+
+    def attention(self, layer: int) -> nn.Module:
+        return getattr(self.layers[layer], self.attn_attr)
+
+    def linear(self, layer: int, proj: str) -> nn.Linear:
+        """The linear ``proj`` (e.g. ``q_proj`` or ``down_proj``) of decoder layer ``layer``."""
+        parent = (
+            self.attention(layer)
+            if proj in ATTN_PROJS
+            else getattr(self.layers[layer], self.mlp_attr)
+        )
+        return getattr(parent, proj)
+
+    def linear_name(self, layer: int, proj: str) -> str:
+        """The full module name, as in ``model.named_modules()``."""
+        attr = self.attn_attr if proj in ATTN_PROJS else self.mlp_attr
+        return f"{self.layers_path}.{layer}.{attr}.{proj}"
+
+    def linear_names(self, *, attention_only: bool = False) -> list[str]:
+        """Names of every linear HSR works on, layer by layer."""
+        projs = ATTN_PROJS if attention_only else ATTN_PROJS + self.mlp_projs
+        return [self.linear_name(i, p) for i in range(self.num_layers) for p in projs]
+
+    def iter_linears(self, *, attention_only: bool = False):
+        """Yield ``(name, layer, proj, module)`` for every linear HSR works on."""
+        projs = ATTN_PROJS if attention_only else ATTN_PROJS + self.mlp_projs
+        for i in range(self.num_layers):
+            for p in projs:
+                yield self.linear_name(i, p), i, p, self.linear(i, p)
+
+    def parse(self, name: str) -> tuple[int, str]:
+        """``model.layers.3.self_attn.q_proj`` -> ``(3, "q_proj")``."""
+        rest = name[len(self.layers_path) + 1 :]
+        layer, _, proj = rest.split(".")
+        return int(layer), proj
+
+    def num_linear_params(self) -> int:
+        return sum(m.weight.numel() for *_, m in self.iter_linears())
+
+
+def _has_linear(module: nn.Module, name: str) -> bool:
+    return isinstance(getattr(module, name, None), nn.Linear)
+
+
+def _is_decoder_layer(layer: nn.Module) -> bool:
+    attn = getattr(layer, "self_attn", None)
+    mlp = getattr(layer, "mlp", None)
+    return (
+        attn is not None
+        and mlp is not None
+        and all(_has_linear(attn, p) for p in ATTN_PROJS)
+        and any(isinstance(m, nn.Linear) for m in mlp.modules())
+    )
+
+
+def build_adapter(model: nn.Module) -> ModelAdapter:
+    """Map a loaded model's language decoder to HSR's vocabulary.
+
+    Args:
+        model: a transformers model (text causal LM or vision-language model).
+
+    Returns:
+        The adapter.
+
+    Raises:
+        ArchitectureError: naming what was looked for when no decoder stack matches.
+    """
+    looked_for = (
+        "a ModuleList of decoder layers, each with self_attn.{q,k,v,o}_proj linears and an mlp "
+        "of linears, whose parent module has a final `norm`, plus an output embedding (lm_head)"
+    )
+    candidates = [
+        (name, mod)
+        for name, mod in model.named_modules()
+        if isinstance(mod, nn.ModuleList)
+        and len(mod) > 0
+        and all(_is_decoder_layer(x) for x in mod)
+    ]
+    if not candidates:
+        raise ArchitectureError(
+            f"Unsupported architecture {type(model).__name__}: could not find {looked_for}. "
+            f"Supported: {SUPPORTED}."
+        )
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    chosen = None
+    if decoder is not None:
+        for name, mod in candidates:
+            if any(mod is m for m in decoder.modules()):
+                chosen = (name, mod)
+                break
+    if chosen is None:
+        chosen = max(candidates, key=lambda c: len(c[1]))
+    layers_path, layers = chosen
+    parent = model.get_submodule(layers_path.rsplit(".", 1)[0]) if "." in layers_path else model
+    final_norm = getattr(parent, "norm", None)
+    lm_head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if final_norm is None or lm_head is None:
+        missing = "final norm (`norm` beside the layers)" if final_norm is None else "lm_head"
+        raise ArchitectureError(
+            f"Unsupported architecture {type(model).__name__}: found decoder layers at "
+            f"{layers_path} but no {missing}; looked for {looked_for}. Supported: {SUPPORTED}."
+        )
+
+    cfg = (
+        model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    )
+    num_heads = int(cfg.num_attention_heads)
+    num_kv = int(getattr(cfg, "num_key_value_heads", None) or num_heads)
+    hidden = int(cfg.hidden_size)
+    head_dim = int(getattr(cfg, "head_dim", None) or hidden // num_heads)
+    attn0 = layers[0].self_attn
+    geometry = {
+        "q_proj.out_features": (attn0.q_proj.out_features, num_heads * head_dim),
+        "k_proj.out_features": (attn0.k_proj.out_features, num_kv * head_dim),
+        "v_proj.out_features": (attn0.v_proj.out_features, num_kv * head_dim),
+        "o_proj.in_features": (attn0.o_proj.in_features, num_heads * head_dim),
+    }
+    bad = {k: v for k, v in geometry.items() if v[0] != v[1]}
+    if bad or num_heads % num_kv:
+        raise ArchitectureError(
+            f"Head geometry of {type(model).__name__} does not add up (H={num_heads}, "
+            f"K={num_kv}, head_dim={head_dim}): {bad or 'H not a multiple of K'}. "
+            "Fused or non-standard attention is not supported."
+        )
+    mlp_projs = tuple(n for n, m in layers[0].mlp.named_children() if isinstance(m, nn.Linear))
+    if not mlp_projs:
+        raise ArchitectureError(f"{type(model).__name__}: the MLP has no direct linear children")
+    return ModelAdapter(
+        layers_path=layers_path,
+        layers=layers,
+        final_norm=final_norm,
+        lm_head=lm_head,
+        num_layers=len(layers),
+        num_heads=num_heads,
+        num_kv_heads=num_kv,
+        head_dim=head_dim,
+        hidden_size=hidden,
+        mlp_projs=mlp_projs,
+    )
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for HSR: weights, tokenizer or processor, and the adapter.
+
+    Attributes:
+        spec: what was asked for.
+        path: the local folder the weights were loaded from.
+        model: the transformers model, in eval mode.
+        tokenizer: the text tokenizer (the processor's, for vision-language models).
+        processor: the multimodal processor, or None for text-only models.
+        adapter: where layers, projections and heads live.
+    """
+
+    spec: ModelSpec
+    path: Path
+    model: nn.Module
+    tokenizer: Any
+    processor: Any | None
+    adapter: ModelAdapter
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_vision(self) -> bool:
+        return self.processor is not None
+
+    @property
+    def device(self) -> torch.device:
+        return self.adapter.layers[0].self_attn.q_proj.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.adapter.layers[0].self_attn.q_proj.weight.dtype
+
+    def describe(self) -> dict[str, Any]:
+        """What was loaded, in numbers a user wants to see."""
+        a = self.adapter
+        n_params = sum(p.numel() for p in self.model.parameters())
+        n_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        return {
+            "model": self.spec.name,
+            "path": str(self.path),
+            "architecture": type(self.model).__name__,
+            "parameters": n_params,
+            "decoder_linear_parameters": a.num_linear_params(),
+            "num_layers": a.num_layers,
+            "num_heads": a.num_heads,
+            "num_kv_heads": a.num_kv_heads,
+            "head_dim": a.head_dim,
+            "attention": "GQA" if a.num_kv_heads < a.num_heads else "MHA",
+            "vision_tower": self.is_vision,
+            "device": str(self.device),
+            "dtype": str(self.dtype).replace("torch.", ""),
+            "weights_memory_mb": round(n_bytes / 2**20, 1),
+        }
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``."""
+    if device != "auto":
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise ModelLoadError(
+                f"device {device!r} was asked for but no CUDA GPU is visible; use --device cpu"
+            )
+        return device
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_dtype(dtype: str, device: str) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return getattr(torch, dtype)
+
+
+_WEIGHT_IGNORE = ["*.pth", "*.pt", "*.msgpack", "*.h5", "*.ot", "*.onnx", "*.gguf", "original/*"]
+
+
+def download(repo_id: str, revision: str | None, *, trust_remote_code: bool) -> Path:
+    """Fetch a hub model (or find it in the local hub cache) and return its folder.
+
+    Raises:
+        ModelLoadError: unknown id, gated repository, or no network and nothing cached.
+    """
+    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    ignore = list(_WEIGHT_IGNORE)
+    if not trust_remote_code:
+        ignore.append("*.py")
+    try:
+        try:
+            files = HfApi().list_repo_files(repo_id, revision=revision)
+            if any(f.endswith(".safetensors") for f in files):
+                ignore.append("*.bin")
+            return Path(snapshot_download(repo_id, revision=revision, ignore_patterns=ignore))
+        except (RepositoryNotFoundError, GatedRepoError, RevisionNotFoundError):
+            raise
+        except Exception as online_error:  # no network: fall back to what is cached
+            try:
+                return Path(
+                    snapshot_download(
+                        repo_id, revision=revision, ignore_patterns=ignore, local_files_only=True
+                    )
+                )
+            except LocalEntryNotFoundError:
+                raise ModelLoadError(
+                    f"Could not reach the Hugging Face hub to download {repo_id!r} and it is not "
+                    f"in the local hub cache ({type(online_error).__name__}: {online_error}). "
+                    "Check the network connection, or give a local folder or a builtin: model."
+                ) from online_error
+    except GatedRepoError as e:
+        raise ModelLoadError(
+            f"{repo_id!r} is gated: accept its license on huggingface.co and log in "
+            "(`hf auth login` or HF_TOKEN)."
+        ) from e
+    except RevisionNotFoundError as e:
+        raise ModelLoadError(f"{repo_id!r} has no revision {revision!r}.") from e
+    except RepositoryNotFoundError as e:
+        raise ModelLoadError(
+            f"No model {repo_id!r} on the Hugging Face hub (check the spelling; private "
+            "repositories need a login), and no local folder of that name."
+        ) from e
+
+
+def resolve_path(spec: ModelSpec, cache_dir: Path | None, log: Callable[[str], None]) -> Path:
+    """The local folder for ``spec``: built-in, existing folder, or hub download."""
+    name = spec.name.strip()
+    if name.startswith("builtin:"):
+        from .builtin import materialize
+
+        return materialize(name.split(":", 1)[1], cache_dir=cache_dir, log=log)
+    folder = Path(name).expanduser()
+    if folder.is_dir():
+        if not (folder / "config.json").exists():
+            raise ModelLoadError(
+                f"Folder {folder} has no config.json: point at a save_pretrained folder."
+            )
+        return folder
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise ModelLoadError(f"No folder {name!r} (and it is not a hub id like 'org/name').")
+    log(f"Downloading {name} from the Hugging Face hub (first time only)...")
+    return download(name, spec.revision, trust_remote_code=spec.trust_remote_code)
+
+
+def _auto_class(config: Any):
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+    from transformers.models.auto import modeling_auto as ma
+
+    model_type = getattr(config, "model_type", None)
+    if model_type in ma.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
+        return AutoModelForImageTextToText, True
+    if model_type in ma.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return AutoModelForCausalLM, False
+    raise ArchitectureError(
+        f"Model type {model_type!r} is neither a causal language model nor an image-text-to-text "
+        f"model in transformers. Supported: {SUPPORTED}."
+    )
+
+
+def load_model(
+    spec: ModelSpec | str,
+    *,
+    cache_dir: Path | None = None,
+    log: Callable[[str], None] | None = None,
+) -> LoadedModel:
+    """Load a model for HSR.
+
+    Args:
+        spec: a ``ModelSpec`` or just a name (hub id, folder, ``builtin:…``).
+        cache_dir: the project's cache root (built-in models are made there).
+        log: receives short progress messages.
+
+    Returns:
+        The loaded model with its tokenizer/processor and adapter, in eval mode.
+
+    Raises:
+        ModelLoadError: what to do when the model cannot be found or loaded.
+        ArchitectureError: when the architecture cannot be mapped.
+    """
+    from transformers import AutoConfig, AutoProcessor, AutoTokenizer
+
+    if isinstance(spec, str):
+        spec = ModelSpec(name=spec)
+    log = log or (lambda _msg: None)
+    path = resolve_path(spec, cache_dir, log)
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=spec.trust_remote_code)
+    except ValueError as e:
+        raise ArchitectureError(f"transformers cannot read {path}/config.json: {e}") from e
+    auto_cls, is_vision = _auto_class(config)
+    device = resolve_device(spec.device)
+    dtype = resolve_dtype(spec.dtype, device)
+    log(f"Loading {spec.name} ({dtype}, {device})...")
+    device_map = "auto" if device == "cuda" and torch.cuda.device_count() > 1 else device
+    try:
+        model = auto_cls.from_pretrained(
+            path, dtype=dtype, device_map=device_map, trust_remote_code=spec.trust_remote_code
+        )
+    except torch.OutOfMemoryError as e:
+        raise ModelLoadError(
+            f"Out of memory loading {spec.name} in {dtype} on {device}: pick a smaller model, "
+            "bfloat16, or the CPU."
+        ) from e
+    model.eval()
+    if is_vision:
+        processor = AutoProcessor.from_pretrained(path, trust_remote_code=spec.trust_remote_code)
+        tokenizer = processor.tokenizer
+    else:
+        processor = None
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=spec.trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if not getattr(tokenizer, "chat_template", None) and not getattr(
+        processor, "chat_template", None
+    ):
+        raise ModelLoadError(
+            f"{spec.name} has no chat template; HSR needs an instruction-tuned (chat) model."
+        )
+    adapter = build_adapter(model)
+    loaded = LoadedModel(spec, Path(path), model, tokenizer, processor, adapter)
+    loaded.info = loaded.describe()
+    return loaded

@@ -1,0 +1,205 @@
+"""Ships: which attention heads matter for safety (spec section 2; Zhou et al., arXiv 2410.13708).
+
+For N harmful probe prompts, ``M`` (N x d) stacks the final-norm hidden state at each prompt's
+last position for the intact model, and ``M_A(l, h)`` the same with head ``(l, h)`` ablated.
+Dataset-level Ships is the sum over ``r = 1..r_main`` of the largest principal angle, in
+degrees, between ``span(U[:, :r])`` and ``span(U_A[:, :r])``, ``U`` and ``U_A`` being the left
+singular vectors of ``M`` and ``M_A``; for ``r_main = 1`` it is ``degrees(arccos |u1 . u1_A|)``.
+Per-prompt Ships is ``KL(p || p_A)`` of the next-token distributions, averaged over prompts.
+
+The naive computation runs one full forward pass per head per prompt. Here each prompt runs
+once intact while its decoder layers' inputs are recorded (vision encoding included); then the
+heads are processed in batches of ``batch_size`` ablated copies of the prompt, sorted by layer:
+a batch starts at the layer of its first head, and the copies for each later head join the
+batch at that head's layer, taken from the recorded input. Layers below a head's layer are never
+re-run, so the arithmetic is about half the naive loop's, in full batches.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from .config import ShipsConfig
+from .data import Sample, encode_one
+from .hooks import HookSet, LayerRecord, add_head_ablation, record_layers, run_layer
+from .models import LoadedModel
+from .progress import StopFlag, bar, check_stop
+
+
+def all_heads(num_layers: int, num_heads: int) -> list[tuple[int, int]]:
+    """Every ``(layer, head)``, layer-major."""
+    return [(l, h) for l in range(num_layers) for h in range(num_heads)]
+
+
+def ablated_finals(
+    loaded: LoadedModel,
+    record: LayerRecord,
+    heads: Sequence[tuple[int, int]],
+    *,
+    mode: str = "zero",
+    batch_size: int = 16,
+    should_stop: StopFlag = None,
+) -> torch.Tensor:
+    """Final-norm hidden state at the last position with each head ablated in turn.
+
+    Args:
+        loaded: the model.
+        record: the intact pass of one prompt (``record_layers``).
+        heads: ``(layer, head)`` pairs, sorted by layer.
+        mode: ``zero`` or ``uniform`` ablation.
+        batch_size: ablated copies per replay batch.
+        should_stop: polled between batches.
+
+    Returns:
+        ``[len(heads), hidden]`` in the model's dtype, one row per head in ``heads`` order.
+    """
+    a = loaded.adapter
+    outs = []
+    for start in range(0, len(heads), batch_size):
+        check_stop(should_stop)
+        chunk = heads[start : start + batch_size]
+        first = chunk[0][0]
+        x: torch.Tensor | None = None
+        with HookSet() as hooks, torch.inference_mode():
+            for layer in range(first, a.num_layers):
+                new = [h for (l, h) in chunk if l == layer]
+                if new:
+                    fresh = record.inputs[layer].expand(len(new), -1, -1)  # [new, seq, hidden]
+                    before = 0 if x is None else x.shape[0]
+                    x = fresh if x is None else torch.cat([x, fresh])
+                    row_heads = torch.full((x.shape[0],), -1, dtype=torch.long)
+                    row_heads[before:] = torch.tensor(new)
+                    add_head_ablation(hooks, a, layer, row_heads, mode)
+                x = run_layer(a.layers[layer], x, record.kwargs[layer])
+            outs.append(a.final_norm(x)[:, -1])  # [chunk, hidden]
+    return torch.cat(outs)
+
+
+def principal_angle_sum(M: torch.Tensor, M_A: torch.Tensor, r_main: int = 1) -> torch.Tensor:
+    """Sum over r = 1..r_main of the largest principal angle (degrees) of the leading subspaces.
+
+    Args:
+        M: ``[N, d]`` intact states.
+        M_A: ``[heads, N, d]`` ablated states.
+        r_main: number of leading left singular directions.
+
+    Returns:
+        ``[heads]`` float64 angles in degrees.
+    """
+    U = torch.linalg.svd(M.double(), full_matrices=False).U  # [N, k]
+    U_A = torch.linalg.svd(M_A.double(), full_matrices=False).U  # [heads, N, k]
+    total = torch.zeros(M_A.shape[0], dtype=torch.float64)
+    for r in range(1, r_main + 1):
+        u, ua = U[:, :r], U_A[:, :, :r]
+        cross = u.T @ ua  # [heads, r, r]: cosines of the principal angles are its singular values
+        cos = torch.linalg.svdvals(cross).min(dim=-1).values
+        resid = ua - u @ cross  # component of span(U_A) outside span(U)
+        sin = torch.linalg.matrix_norm(resid, ord=2)
+        total += torch.rad2deg(torch.atan2(sin, cos))  # stable for small and right angles alike
+    return total
+
+
+def _kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) per row, from logits ``[rows, vocab]``."""
+    logp = torch.log_softmax(p_logits.double(), dim=-1)
+    logq = torch.log_softmax(q_logits.double(), dim=-1)
+    return (logp.exp() * (logp - logq)).sum(-1)
+
+
+def ships_scores(
+    loaded: LoadedModel,
+    prompts: Sequence[Sample],
+    cfg: ShipsConfig,
+    *,
+    heads: Sequence[tuple[int, int]] | None = None,
+    should_stop: StopFlag = None,
+) -> torch.Tensor:
+    """Ships score of every head over a set of harmful probe prompts.
+
+    Args:
+        loaded: the model.
+        prompts: harmful requests (their responses are ignored; images are used).
+        cfg: metric, ablation mode, r_main and batch size.
+        heads: restrict to these heads (the rest score NaN); all heads by default.
+        should_stop: polled between batches; raises ``Cancelled`` when it returns True.
+
+    Returns:
+        ``[num_layers, num_heads]`` float32 scores (degrees for ``angle``, nats for ``kl``).
+    """
+    a = loaded.adapter
+    if cfg.metric == "angle" and len(prompts) < max(2, cfg.r_main):
+        raise ValueError(
+            f"dataset-level Ships needs at least {max(2, cfg.r_main)} probe prompts "
+            f"(got {len(prompts)}): with one prompt every angle is 0"
+        )
+    heads = sorted(heads) if heads is not None else all_heads(a.num_layers, a.num_heads)
+    device = loaded.device
+    intact, ablated, kl = [], [], torch.zeros(len(heads), dtype=torch.float64)
+    for sample in bar(prompts, desc="Ships attribution", unit="prompt"):
+        check_stop(should_stop)
+        inputs, _, _ = encode_one(loaded, sample, with_response=False)
+        record = record_layers(loaded.model, a, {k: v.to(device) for k, v in inputs.items()})
+        finals = ablated_finals(
+            loaded,
+            record,
+            heads,
+            mode=cfg.ablation,
+            batch_size=cfg.batch_size,
+            should_stop=should_stop,
+        )
+        base = record.final[:, -1]  # [1, hidden]
+        if cfg.metric == "angle":
+            intact.append(base.float().cpu())
+            ablated.append(finals.float().cpu())
+        else:
+            with torch.inference_mode():
+                kl += _kl(a.lm_head(base), a.lm_head(finals)).cpu()
+    if cfg.metric == "angle":
+        M = torch.cat(intact)  # [N, hidden]
+        M_A = torch.stack(ablated, dim=1)  # [heads, N, hidden]
+        values = principal_angle_sum(M, M_A, cfg.r_main)
+    else:
+        values = kl / len(prompts)
+    scores = torch.full((a.num_layers, a.num_heads), math.nan)
+    for (l, h), v in zip(heads, values.tolist(), strict=True):
+        scores[l, h] = v
+    return scores
+
+
+def top_heads(scores: torch.Tensor, k: int) -> list[tuple[int, int]]:
+    """The ``k`` highest-scoring heads, best first (NaN scores last; ties by layer, head)."""
+    flat = torch.nan_to_num(scores.flatten().double(), nan=-math.inf)
+    order = sorted(range(flat.numel()), key=lambda i: (-flat[i].item(), i))
+    H = scores.shape[1]
+    return [(i // H, i % H) for i in order[:k]]
+
+
+def write_heads_jsonl(scores: torch.Tensor, path: str | Path) -> Path:
+    """Write the reference's interop format: one JSON line mapping every ``"l-h"`` to its score."""
+    L, H = scores.shape
+    row = {f"{l}-{h}": float(scores[l, h]) for l in range(L) for h in range(H)}
+    path = Path(path)
+    path.write_text(json.dumps(row) + "\n", encoding="utf-8")
+    return path
+
+
+def read_heads_jsonl(path: str | Path, num_layers: int, num_heads: int) -> torch.Tensor:
+    """Read a ``heads.jsonl`` (the last line wins) back into ``[num_layers, num_heads]``."""
+    lines = [ln for ln in Path(path).read_text(encoding="utf-8").splitlines() if ln.strip()]
+    if not lines:
+        raise ValueError(f"{path}: empty heads file")
+    row = json.loads(lines[-1])
+    scores = torch.full((num_layers, num_heads), math.nan)
+    for key, value in row.items():
+        l, h = (int(x) for x in key.split("-"))
+        if not (0 <= l < num_layers and 0 <= h < num_heads):
+            raise ValueError(
+                f"{path}: head {key!r} outside the model's {num_layers}x{num_heads} heads"
+            )
+        scores[l, h] = float(value)
+    return scores

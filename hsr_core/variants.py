@@ -1,0 +1,216 @@
+"""One copy of the weights, three variants: ``original``, ``pruned`` and ``realigned``.
+
+Pruned and realigned share the pruning mask except for the restored set, so the model switches
+between them by changing weights in place:
+
+    original -> pruned      zero the masked weights (``masked_fill_``)
+    pruned   -> realigned   write back the restored weights' dense values (a few thousand)
+    realigned-> pruned      zero those again
+    any      -> original    copy the dense weights back
+
+The dense values of the decoder linears are written once to a scratch file in the cache folder
+and memory-mapped (``torch.from_file``), so they live in the OS page cache rather than in the
+process's memory: the three variants cost one copy of the weights plus the packed masks (1/16
+of bf16 weights). ``Variants.use`` is the one context manager through which weights change; it
+always switches back, also when the body raises.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import threading
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from .models import LoadedModel
+from .realign import RestoreSet
+from .store import default_cache_dir
+from .wanda import Masks
+
+VARIANTS = ("original", "pruned", "realigned")
+
+
+class VariantError(RuntimeError):
+    """A variant was asked for before the step that defines it (e.g. realign before prune)."""
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class DenseStore:
+    """The dense weights of the decoder linears, in a memory-mapped scratch file.
+
+    Args:
+        loaded: the model, with its dense weights in place.
+        root: where scratch folders go (``<cache>/variants``).
+    """
+
+    def __init__(self, loaded: LoadedModel, root: Path | None = None) -> None:
+        root = Path(root or default_cache_dir() / "variants")
+        root.mkdir(parents=True, exist_ok=True)
+        for old in root.glob("pid*-*"):  # scratch left by a process that died
+            try:
+                if not _pid_alive(int(old.name[3:].split("-")[0])):
+                    shutil.rmtree(old, ignore_errors=True)
+            except ValueError:
+                continue
+        self.folder = Path(tempfile.mkdtemp(prefix=f"pid{os.getpid()}-", dir=root))
+        self._finalizer = weakref.finalize(self, shutil.rmtree, self.folder, True)
+        self.tensors: dict[str, torch.Tensor] = {}
+        layout: dict[torch.dtype, list[tuple[str, torch.Tensor]]] = {}
+        for name, _, _, mod in loaded.adapter.iter_linears():
+            layout.setdefault(mod.weight.dtype, []).append((name, mod.weight))
+        for i, (dtype, items) in enumerate(layout.items()):
+            path = self.folder / f"dense{i}.bin"
+            with open(path, "wb") as f:
+                for _, w in items:
+                    f.write(
+                        w.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+                    )
+            total = sum(w.numel() for _, w in items)
+            flat = torch.from_file(str(path), shared=False, size=total, dtype=dtype)
+            offset = 0
+            for name, w in items:
+                self.tensors[name] = flat[offset : offset + w.numel()].view(w.shape)
+                offset += w.numel()
+
+    def close(self) -> None:
+        self.tensors.clear()
+        self._finalizer()
+
+
+class Variants:
+    """Switch one loaded model between its original, pruned and realigned weights.
+
+    Args:
+        loaded: the model (dense when this is created).
+        scratch: folder for the dense-weights scratch file (default ``<cache>/variants``).
+    """
+
+    def __init__(self, loaded: LoadedModel, scratch: Path | None = None) -> None:
+        self.loaded = loaded
+        self.scratch = scratch
+        self.current = "original"
+        self.masks: Masks | None = None
+        self.restore: RestoreSet | None = None
+        self._store: DenseStore | None = None
+        self._lock = threading.RLock()
+        self._modules = {name: mod for name, _, _, mod in loaded.adapter.iter_linears()}
+
+    # -- state ------------------------------------------------------------------------------
+
+    def _dense(self) -> DenseStore:
+        if self._store is None:
+            if self.current != "original":
+                raise RuntimeError("the dense store must be made while the model is dense")
+            self._store = DenseStore(self.loaded, self.scratch)
+        return self._store
+
+    def dense_weight(self, name: str) -> torch.Tensor:
+        """The dense weight of a decoder linear, whatever variant is active."""
+        with self._lock:
+            if self.current == "original":
+                return self._modules[name].weight.detach()
+            return self._dense().tensors[name].to(self._modules[name].weight.device)
+
+    def available(self) -> list[str]:
+        """Variants that can be switched to now."""
+        return (
+            ["original"]
+            + (["pruned"] if self.masks else [])
+            + (["realigned"] if self.masks and self.restore else [])
+        )
+
+    def set_masks(self, masks: Masks | None) -> None:
+        """Use new pruning masks (the restore set is dropped: it was made for the old masks)."""
+        with self._lock:
+            prev = self.current
+            self.switch("original")
+            self.masks = masks
+            self.restore = None
+            if masks is not None:
+                self._dense()
+                self.switch("pruned" if prev != "original" else "original")
+
+    def set_restore(self, restore: RestoreSet | None) -> None:
+        """Use a new restore set; the active variant stays active."""
+        with self._lock:
+            if restore is not None and self.masks is None:
+                raise VariantError("prune first: a restore set needs the pruning masks")
+            prev = self.current
+            if prev == "realigned":
+                self.switch("pruned")
+            self.restore = restore
+            if prev == "realigned" and restore is not None:
+                self.switch("realigned")
+
+    # -- switching --------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def switch(self, variant: str) -> None:
+        """Make ``variant`` the active one, changing weights in place."""
+        with self._lock:
+            if variant not in VARIANTS:
+                raise ValueError(f"unknown variant {variant!r}; choose from {VARIANTS}")
+            if variant == self.current:
+                return
+            if variant != "original" and self.masks is None:
+                raise VariantError(f"no {variant} model yet: run the prune step first")
+            if variant == "realigned" and self.restore is None:
+                raise VariantError("no realigned model yet: run the realign step first")
+            if variant == "original":
+                store = self._dense()
+                for name, mod in self._modules.items():
+                    mod.weight.copy_(store.tensors[name])
+            elif self.current == "original":
+                self._dense()
+                for name, mod in self._modules.items():
+                    mod.weight.masked_fill_(self.masks[name].unpack(mod.weight.device), 0)
+                if variant == "realigned":
+                    self._put_back_restored()
+            elif variant == "realigned":  # from pruned
+                self._put_back_restored()
+            else:  # realigned -> pruned
+                for name, idx in self.restore.indices.items():
+                    w = self._modules[name].weight
+                    w.view(-1)[idx.to(w.device)] = 0
+            self.current = variant
+
+    def _put_back_restored(self) -> None:
+        store = self._dense()
+        for name, idx in self.restore.indices.items():
+            w = self._modules[name].weight
+            w.view(-1)[idx.to(w.device)] = store.tensors[name].view(-1)[idx.cpu()].to(w.device)
+
+    @contextmanager
+    def use(self, variant: str) -> Iterator[LoadedModel]:
+        """Activate ``variant`` for the body, then switch back to what was active before."""
+        with self._lock:
+            prev = self.current
+            self.switch(variant)
+            try:
+                yield self.loaded
+            finally:
+                self.switch(prev)
+
+    def close(self) -> None:
+        """Back to the original weights; delete the scratch file."""
+        with self._lock:
+            if self.current != "original":
+                self.switch("original")
+            if self._store is not None:
+                self._store.close()
+                self._store = None

@@ -1,0 +1,371 @@
+"""Wanda: safety and utility importance of every weight, and pruning masks (spec section 3).
+
+For a linear layer with weight ``W`` (out x in) and calibration inputs ``X`` (tokens x in), the
+Wanda score is ``S_ij = |W_ij| * ||X_:,j||_2`` (Sun et al., arXiv 2306.11695; the safety/utility
+split is Wei et al., ICML 2024). The durable state is the *norm vectors* ``||X_:,j||_2``, one
+float32 vector of length ``in`` per linear per calibration set; score matrices are recomputed
+from the weights when needed and never stored.
+
+Masks are data: ``dict[name, PackedMask]``, True meaning *pruned*, packed 8 per byte so that a
+7B model's masks take 1/16 of its bf16 weights. Unstructured masks prune the lowest
+``floor(in * sparsity)`` scores of each row; N:M masks the lowest N of every M consecutive
+inputs. Ties are broken by position (the earlier input is pruned first), so masks are exact
+and reproducible.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import WandaConfig
+from .data import Sample, iter_batches
+from .hooks import HookSet, run_layer
+from .models import LoadedModel
+from .progress import StopFlag, bar, check_stop
+
+_BITS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
+
+
+@dataclass
+class PackedMask:
+    """A boolean matrix stored 8 entries per byte (row-major).
+
+    Attributes:
+        bits: uint8 ``[ceil(numel / 8)]``.
+        shape: the matrix shape.
+        count: number of True entries.
+    """
+
+    bits: torch.Tensor
+    shape: tuple[int, ...]
+    count: int
+
+    @classmethod
+    def pack(cls, mask: torch.Tensor) -> PackedMask:
+        flat = mask.reshape(-1).to(torch.uint8)
+        pad = (-flat.numel()) % 8
+        if pad:
+            flat = torch.cat([flat, flat.new_zeros(pad)])
+        bits = (flat.view(-1, 8) * _BITS.to(flat.device)).sum(dim=1, dtype=torch.uint8)
+        return cls(bits, tuple(mask.shape), int(mask.sum()))
+
+    def unpack(self, device: torch.device | str | None = None) -> torch.Tensor:
+        bits = self.bits if device is None else self.bits.to(device)
+        flat = (bits[:, None] & _BITS.to(bits.device)) != 0  # [bytes, 8]
+        numel = 1
+        for s in self.shape:
+            numel *= s
+        return flat.reshape(-1)[:numel].view(self.shape)
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+
+Masks = dict[str, PackedMask]
+
+
+# ---------------------------------------------------------------------------------------------
+# statistics
+
+
+class _NormCollector:
+    """Forward pre-hooks that accumulate per-input-feature sums of squares over chosen tokens."""
+
+    def __init__(self, modules: dict[str, nn.Linear]) -> None:
+        self.modules = modules
+        self.sums: dict[str, torch.Tensor] = {}
+        self.tokens = 0
+        self.select: torch.Tensor | None = None  # bool [batch, seq]
+        self._last: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def hook(self, name: str) -> Callable[..., None]:
+        def fn(_mod: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            x = args[0]
+            # q/k/v (and gate/up) read the same tensor: compute its statistic once
+            if self._last is not None and self._last[0] is x:
+                sq = self._last[1]
+            else:
+                sel = self.select.to(x.device)
+                xs = x[sel]  # [tokens, in]: a fresh copy, safe to square in place
+                sq = xs.float().square_().sum(dim=0)
+                self._last = (x, sq)
+            acc = self.sums.get(name)
+            self.sums[name] = sq.clone() if acc is None else acc.add_(sq)
+
+        return fn
+
+    def norms(self) -> dict[str, torch.Tensor]:
+        return {n: s.sqrt().cpu() for n, s in self.sums.items()}
+
+
+def _token_selection(batch: Any, tokens: str) -> torch.Tensor:
+    if tokens == "response":
+        return batch.response_mask
+    return batch.inputs["attention_mask"].bool()
+
+
+def wanda_norms(
+    loaded: LoadedModel,
+    samples: Sequence[Sample],
+    cfg: WandaConfig,
+    *,
+    should_stop: StopFlag = None,
+    desc: str = "Wanda statistics",
+) -> dict[str, torch.Tensor]:
+    """Input-feature norms ``||X_:,j||_2`` of every decoder linear over a calibration set.
+
+    Args:
+        loaded: the model (dense).
+        samples: calibration samples with responses.
+        cfg: token selection (``response`` or ``all``) and batch size.
+        should_stop: polled between batches.
+        desc: progress bar label.
+
+    Returns:
+        ``{linear name: float32 [in]}`` on the CPU.
+    """
+    a = loaded.adapter
+    modules = {name: mod for name, _, _, mod in a.iter_linears()}
+    collector = _NormCollector(modules)
+    device = loaded.device
+    n_batches = -(-len(samples) // cfg.batch_size)
+    fwd = {"use_cache": False}
+    with HookSet() as hooks, torch.inference_mode():
+        for name, mod in modules.items():
+            hooks.pre(mod, collector.hook(name))
+        for batch in bar(
+            iter_batches(loaded, samples, cfg.batch_size), desc=desc, total=n_batches, unit="batch"
+        ):
+            check_stop(should_stop)
+            batch = batch.to(device)
+            collector.select = _token_selection(batch, cfg.tokens)
+            collector._last = None
+            if not bool(collector.select.any()):
+                continue
+            _forward_decoder_only(loaded, batch.inputs, fwd)
+    if not collector.sums:
+        raise ValueError(
+            "no calibration tokens were selected: the samples have no responses; "
+            "give answers or use tokens='all'"
+        )
+    return collector.norms()
+
+
+class _StopAfterLastLayer(Exception):
+    pass
+
+
+def _forward_decoder_only(
+    loaded: LoadedModel, inputs: dict[str, torch.Tensor], kw: dict[str, Any]
+) -> None:
+    """Run the model up to the last decoder layer and skip the final norm and LM head."""
+
+    def stop(_mod: nn.Module, _inp: Any, _out: Any) -> None:
+        raise _StopAfterLastLayer
+
+    with HookSet() as hooks:
+        hooks.post(loaded.adapter.layers[-1], stop)
+        with suppress(_StopAfterLastLayer):
+            loaded.model(**inputs, **kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# masks
+
+
+def wanda_score(weight: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+    """``|W| * norm`` as float32 ``[out, in]``."""
+    return weight.detach().abs().float() * norm.to(weight.device, torch.float32)[None, :]
+
+
+def mask_from_scores(score: torch.Tensor, cfg: WandaConfig) -> torch.Tensor:
+    """Bool ``[out, in]`` mask (True = pruned) from a score matrix.
+
+    Unstructured: in every row the ``floor(in * sparsity)`` lowest scores. N:M: in every group
+    of M consecutive inputs of a row, the N lowest. Ties: the earlier input is pruned first.
+    """
+    out_f, in_f = score.shape
+    if cfg.structure == "n:m":
+        if in_f % cfg.m:
+            raise ValueError(f"N:M masks need in_features ({in_f}) divisible by M ({cfg.m})")
+        groups = score.view(out_f, in_f // cfg.m, cfg.m)  # [out, groups, M]
+        order = torch.sort(groups, dim=-1, stable=True).indices[..., : cfg.n]
+        mask = torch.zeros_like(groups, dtype=torch.bool)
+        mask.scatter_(-1, order, True)
+        return mask.view(out_f, in_f)
+    k = int(in_f * cfg.sparsity)
+    mask = torch.zeros_like(score, dtype=torch.bool)
+    if k:
+        order = torch.sort(score, dim=1, stable=True).indices[:, :k]
+        mask.scatter_(1, order, True)
+    return mask
+
+
+def prune_masks(
+    loaded: LoadedModel, utility_norms: dict[str, torch.Tensor], cfg: WandaConfig
+) -> Masks:
+    """One-shot Wanda masks for every decoder linear from the utility norms.
+
+    Args:
+        loaded: the model, with its dense weights in place.
+        utility_norms: ``wanda_norms`` over the utility set.
+        cfg: sparsity and structure.
+
+    Returns:
+        ``{linear name: PackedMask}`` (True = pruned).
+    """
+    masks: Masks = {}
+    for name, _, _, mod in loaded.adapter.iter_linears():
+        if name not in utility_norms:
+            raise KeyError(f"no utility norms for {name}; were they computed for this model?")
+        score = wanda_score(mod.weight, utility_norms[name])
+        masks[name] = PackedMask.pack(mask_from_scores(score, cfg))
+    return masks
+
+
+@contextmanager
+def _pruned_layer(layer_linears: dict[str, nn.Linear], masks: dict[str, torch.Tensor]):
+    """Zero a layer's masked weights for the duration, then put the originals back."""
+    saved = {n: m.weight.detach().clone() for n, m in layer_linears.items()}
+    try:
+        with torch.no_grad():
+            for n, m in layer_linears.items():
+                m.weight.masked_fill_(masks[n], 0)
+        yield
+    finally:
+        with torch.no_grad():
+            for n, m in layer_linears.items():
+                m.weight.copy_(saved[n])
+
+
+def sequential_masks(
+    loaded: LoadedModel,
+    samples: Sequence[Sample],
+    cfg: WandaConfig,
+    *,
+    should_stop: StopFlag = None,
+) -> Masks:
+    """Wanda's own sequential pruning: layer by layer, each layer's statistics taken on the
+    outputs of the already-pruned layers before it.
+
+    The model's weights are the same on return as on entry (each layer is pruned only while
+    its outputs are computed for the next layer).
+
+    Args:
+        loaded: the model (dense).
+        samples: the utility calibration set.
+        cfg: sparsity, structure, token selection and batch size.
+        should_stop: polled between layers.
+
+    Returns:
+        ``{linear name: PackedMask}`` (True = pruned).
+    """
+    a = loaded.adapter
+    device = loaded.device
+    states: list[torch.Tensor] = []
+    kwargs: list[list[dict[str, Any]]] = []
+    selects: list[torch.Tensor] = []
+    for batch in iter_batches(loaded, samples, cfg.batch_size):
+        batch = batch.to(device)
+        rec = _record_layer_kwargs(loaded, batch.inputs)
+        states.append(rec[0])
+        kwargs.append(rec[1])
+        selects.append(_token_selection(batch, cfg.tokens))
+    masks: Masks = {}
+    for layer in bar(range(a.num_layers), desc="Sequential Wanda", unit="layer"):
+        check_stop(should_stop)
+        linears = {n: m for n, l, _, m in a.iter_linears() if l == layer}
+        collector = _NormCollector(linears)
+        with HookSet() as hooks, torch.inference_mode():
+            for n, m in linears.items():
+                hooks.pre(m, collector.hook(n))
+            for b in range(len(states)):
+                collector.select, collector._last = selects[b], None
+                run_layer(a.layers[layer], states[b], kwargs[b][layer])
+        norms = collector.norms()
+        bool_masks = {
+            n: mask_from_scores(wanda_score(m.weight, norms[n]), cfg) for n, m in linears.items()
+        }
+        with _pruned_layer(linears, bool_masks), torch.inference_mode():
+            states = [
+                run_layer(a.layers[layer], states[b], kwargs[b][layer]) for b in range(len(states))
+            ]
+        masks.update({n: PackedMask.pack(m) for n, m in bool_masks.items()})
+    return masks
+
+
+def _record_layer_kwargs(
+    loaded: LoadedModel, inputs: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, list[dict[str, Any]]]:
+    """Layer 0's input and every layer's kwargs for one batch (the forward stops early)."""
+    a = loaded.adapter
+    first: dict[str, torch.Tensor] = {}
+    kwargs: list[dict[str, Any]] = [{} for _ in range(a.num_layers)]
+
+    def make_pre(i: int) -> Callable[..., None]:
+        def pre(_mod: nn.Module, args: tuple[Any, ...], kw: dict[str, Any]) -> None:
+            kw = dict(kw)
+            h = args[0] if args else kw.pop("hidden_states")
+            if i == 0:
+                first["x"] = h.detach().clone()
+            kwargs[i] = {
+                k: v
+                for k, v in kw.items()
+                if k not in ("past_key_values", "past_key_value", "cache")
+            }
+
+        return pre
+
+    with HookSet() as hooks, torch.inference_mode():
+        for i, layer in enumerate(a.layers):
+            hooks.pre(layer, make_pre(i), with_kwargs=True)
+        _forward_decoder_only(loaded, inputs, {"use_cache": False})
+    return first["x"], kwargs
+
+
+def compute_masks(
+    loaded: LoadedModel,
+    utility_norms: dict[str, torch.Tensor],
+    utility_samples: Sequence[Sample],
+    cfg: WandaConfig,
+    *,
+    should_stop: StopFlag = None,
+) -> Masks:
+    """Masks in the configured mode (``one-shot`` from the norms, or ``sequential``)."""
+    if cfg.mode == "sequential":
+        return sequential_masks(loaded, utility_samples, cfg, should_stop=should_stop)
+    return prune_masks(loaded, utility_norms, cfg)
+
+
+def sparsity_report(loaded: LoadedModel, masks: Masks) -> dict[str, Any]:
+    """Achieved sparsity: overall, per layer and per module (fractions of weights pruned)."""
+    a = loaded.adapter
+    per_layer: dict[int, list[int]] = {}
+    per_module: dict[str, list[int]] = {}
+    total = [0, 0]
+    for name, mask in masks.items():
+        layer, proj = a.parse(name)
+        for acc in (
+            per_layer.setdefault(layer, [0, 0]),
+            per_module.setdefault(proj, [0, 0]),
+            total,
+        ):
+            acc[0] += mask.count
+            acc[1] += mask.numel
+    return {
+        "pruned_weights": total[0],
+        "prunable_weights": total[1],
+        "sparsity": total[0] / total[1] if total[1] else 0.0,
+        "per_layer": {l: c / n for l, (c, n) in sorted(per_layer.items())},
+        "per_module": {p: c / n for p, (c, n) in per_module.items()},
+    }
