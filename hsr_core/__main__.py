@@ -135,7 +135,12 @@ def _add_common(p: argparse.ArgumentParser, command: str) -> None:
         default=0.7,
         help="utility fraction bound of candidates (default 0.7)",
     )
-    r.add_argument("--top-h", type=int, default=None, help="heads realigned (default 10, or every head of a model with fewer)")
+    r.add_argument(
+        "--top-h",
+        type=int,
+        default=None,
+        help="heads realigned (default 10, or every head of a model with fewer)",
+    )
     r.add_argument("--slicing", default="head", choices=["head", "reference"])
 
     e = p.add_argument_group("evaluation and export")

@@ -187,7 +187,11 @@ def save_tiny_llava_next(folder: Path, *, seed: int = 0, **text_overrides: Any) 
 
 
 def _atomic_build(dest: Path, build: Callable[[Path], Any]) -> Path:
-    """Run ``build(tmp)`` in a sibling temp folder and rename it into ``dest``."""
+    """Run ``build(tmp)`` in a sibling temp folder and rename it into ``dest``.
+
+    Safe when several processes build the same model at once: the first rename wins and the
+    others discard their copy.
+    """
     if (dest / ".complete").exists():
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -195,9 +199,13 @@ def _atomic_build(dest: Path, build: Callable[[Path], Any]) -> Path:
     try:
         build(tmp)
         (tmp / ".complete").write_text("ok\n")
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
+        if dest.exists() and not (dest / ".complete").exists():
+            shutil.rmtree(dest, ignore_errors=True)  # an unfinished folder from an old crash
+        try:
+            os.rename(tmp, dest)
+        except OSError:
+            if not (dest / ".complete").exists():
+                raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

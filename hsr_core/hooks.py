@@ -55,8 +55,16 @@ class HookSet:
 
 
 def count_hooks(model: nn.Module) -> int:
-    """Number of forward and pre-forward hooks registered anywhere in ``model``."""
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+    """Number of this project's forward (pre-)hooks registered anywhere in ``model``.
+
+    transformers installs hooks of its own (e.g. to capture hidden states), which are not
+    counted.
+    """
+    return sum(
+        getattr(fn, "__module__", "").startswith("hsr_core")
+        for m in model.modules()
+        for fn in [*m._forward_hooks.values(), *m._forward_pre_hooks.values()]
+    )
 
 
 def causal_running_mean(values: torch.Tensor) -> torch.Tensor:

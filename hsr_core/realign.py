@@ -203,16 +203,28 @@ def restore_set(
         for proj in ATTN_PROJS:
             name = a.linear_name(layer, proj)
             rank_s, rank_u = ranks.get(name)
-            r = candidates(rank_s, rank_u, cfg.p, cfg.q, cfg.max_p)
-            pruned = masks[name].unpack(r.device)
-            in_heads = torch.zeros_like(r)
+            pruned = masks[name].unpack(rank_s.device)
+            n_in, numel = rank_s.shape[1], rank_s.numel()
+            # a head's block of a projection; heads sharing a KV group share their k/v block,
+            # and distinct blocks never overlap, so the union is the disjoint union of blocks
+            blocks: dict[tuple[int | None, ...], list[int]] = {}
             for h in layer_heads:
-                rows, cols = head_slice(a, proj, h, tuple(r.shape), cfg.slicing)
-                in_heads[rows, cols] = True
-                per_head[f"{layer}-{h}"][proj] = int((r[rows, cols] & pruned[rows, cols]).sum())
-            n_candidates += int((r & in_heads).sum())
-            restored = r & in_heads & pruned
-            idx = torch.nonzero(restored.reshape(-1)).flatten()
+                rows, cols = head_slice(a, proj, h, tuple(rank_s.shape), cfg.slicing)
+                blocks.setdefault((rows.start, rows.stop, cols.start, cols.stop), []).append(h)
+            found = []
+            for (r0, r1, c0, c1), owners in blocks.items():
+                rows, cols = slice(r0, r1), slice(c0, c1)
+                r = candidates(
+                    rank_s[rows, cols], rank_u[rows, cols], cfg.p, cfg.q, cfg.max_p, numel=numel
+                )
+                restored = r & pruned[rows, cols]
+                n_candidates += int(r.sum())
+                count = int(restored.sum())
+                for h in owners:
+                    per_head[f"{layer}-{h}"][proj] = count
+                local = torch.nonzero(restored)  # [n, 2] block coordinates
+                found.append((local[:, 0] + (r0 or 0)) * n_in + local[:, 1] + (c0 or 0))
+            idx = torch.cat(found).sort().values if found else torch.empty(0, dtype=torch.long)
             if idx.numel():
                 indices[name] = idx
                 per_module[proj] += idx.numel()

@@ -1,0 +1,54 @@
+"""Shared fixtures: tiny models built in-process from configs, loaded through the real loader.
+
+The built-in tiny models are written once per test session into a temporary cache folder
+(``HSR_CACHE_DIR``); every test that changes weights gets its own freshly loaded model.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from hsr_core.builtin import save_tiny_llama
+from hsr_core.models import load_model
+
+
+@pytest.fixture(scope="session")
+def cache_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("hsr-cache")
+    os.environ["HSR_CACHE_DIR"] = str(root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def mha_folder(tmp_path_factory: pytest.TempPathFactory, cache_root: Path) -> Path:
+    """A tiny Llama with multi-head attention (4 heads, 4 KV heads), saved to a folder."""
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-mha"), num_key_value_heads=4)
+
+
+@pytest.fixture
+def tiny_llama(cache_root: Path):
+    """The built-in tiny Llama (GQA: 4 heads, 2 KV heads), freshly loaded."""
+    torch.manual_seed(0)
+    return load_model("builtin:tiny-llama", cache_dir=cache_root)
+
+
+@pytest.fixture
+def tiny_mha(mha_folder: Path, cache_root: Path):
+    return load_model(str(mha_folder), cache_dir=cache_root)
+
+
+@pytest.fixture
+def tiny_llava(cache_root: Path):
+    """The built-in tiny LLaVA-NeXT (CLIP tower + tiny Llama)."""
+    return load_model("builtin:tiny-llava-next", cache_dir=cache_root)
+
+
+@pytest.fixture(params=["gqa", "mha", "llava"])
+def any_tiny(request: pytest.FixtureRequest, cache_root: Path, mha_folder: Path):
+    """Each tiny architecture in turn."""
+    name = {"gqa": "builtin:tiny-llama", "mha": str(mha_folder), "llava": "builtin:tiny-llava-next"}[request.param]
+    return load_model(name, cache_dir=cache_root)
