@@ -50,5 +50,9 @@ def tiny_llava(cache_root: Path):
 @pytest.fixture(params=["gqa", "mha", "llava"])
 def any_tiny(request: pytest.FixtureRequest, cache_root: Path, mha_folder: Path):
     """Each tiny architecture in turn."""
-    name = {"gqa": "builtin:tiny-llama", "mha": str(mha_folder), "llava": "builtin:tiny-llava-next"}[request.param]
+    name = {
+        "gqa": "builtin:tiny-llama",
+        "mha": str(mha_folder),
+        "llava": "builtin:tiny-llava-next",
+    }[request.param]
     return load_model(name, cache_dir=cache_root)

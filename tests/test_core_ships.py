@@ -38,7 +38,9 @@ def naive_scores(loaded, samples, r_main: int = 1, mode: str = "zero") -> torch.
     a = loaded.adapter
     M = torch.stack([naive_final(loaded, s) for s in samples])
     heads = all_heads(a.num_layers, a.num_heads)
-    M_A = torch.stack([torch.stack([naive_final(loaded, s, [hd], mode) for s in samples]) for hd in heads])
+    M_A = torch.stack(
+        [torch.stack([naive_final(loaded, s, [hd], mode) for s in samples]) for hd in heads]
+    )
     return principal_angle_sum(M, M_A, r_main).float().view(a.num_layers, a.num_heads)
 
 
@@ -151,7 +153,6 @@ def test_gqa_ablates_one_query_head_not_its_group(tiny_llama):
 
 
 def _layer_kwargs(loaded, x):
-    a = loaded.adapter
     pos = torch.arange(x.shape[1])[None]
     rotary = loaded.model.model.rotary_emb(x, pos)
     return {"position_embeddings": rotary, "attention_mask": None, "position_ids": pos}
@@ -165,17 +166,25 @@ def test_principal_angles_against_direct_formula():
     u = torch.linalg.svd(M).U[:, 0]
     for i in range(5):
         ua = torch.linalg.svd(M_A[i]).U[:, 0]
-        assert math.isclose(got[i].item(), math.degrees(math.acos(min(1.0, abs(float(u @ ua))))), abs_tol=1e-6)
+        assert math.isclose(
+            got[i].item(), math.degrees(math.acos(min(1.0, abs(float(u @ ua))))), abs_tol=1e-6
+        )
     got3 = principal_angle_sum(M, M_A, r_main=3)
     U = torch.linalg.svd(M).U
     for i in range(5):
         UA = torch.linalg.svd(M_A[i]).U
         expected = sum(
-            math.degrees(math.acos(min(1.0, torch.linalg.svdvals(U[:, :r].T @ UA[:, :r]).min().item())))
+            math.degrees(
+                math.acos(min(1.0, torch.linalg.svdvals(U[:, :r].T @ UA[:, :r]).min().item()))
+            )
             for r in (1, 2, 3)
         )
         assert math.isclose(got3[i].item(), expected, abs_tol=1e-5)
-    assert torch.allclose(principal_angle_sum(M, M[None].repeat(2, 1, 1)), torch.zeros(2, dtype=torch.float64), atol=1e-6)
+    assert torch.allclose(
+        principal_angle_sum(M, M[None].repeat(2, 1, 1)),
+        torch.zeros(2, dtype=torch.float64),
+        atol=1e-6,
+    )
 
 
 def test_hooks_removed_even_on_error(tiny_llama):

@@ -1,0 +1,209 @@
+"""Wanda statistics and masks against slow, obvious references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hsr_core.config import ConfigError, WandaConfig
+from hsr_core.data import builtin_calibration, encode_one
+from hsr_core.hooks import HookSet
+from hsr_core.wanda import (
+    PackedMask,
+    mask_from_scores,
+    prune_masks,
+    sequential_masks,
+    sparsity_report,
+    wanda_norms,
+    wanda_score,
+)
+
+
+def samples(n: int = 6):
+    calib = builtin_calibration()
+    return calib.utility[:n]
+
+
+def naive_norms(loaded, data, tokens: str = "response") -> dict[str, torch.Tensor]:
+    """One sample at a time; keep every linear's full input and take column norms at the end."""
+    inputs_seen: dict[str, list[torch.Tensor]] = {}
+    for s in data:
+        inputs, plen, rlen = encode_one(loaded, s)
+        keep = torch.zeros(inputs["input_ids"].shape[1], dtype=torch.bool)
+        if tokens == "response":
+            keep[plen : plen + rlen] = True
+        else:
+            keep[:] = True
+        with HookSet() as hooks, torch.no_grad():
+            for name, _, _, mod in loaded.adapter.iter_linears():
+                hooks.pre(
+                    mod,
+                    lambda _m, args, name=name, keep=keep: inputs_seen.setdefault(name, []).append(
+                        args[0][0][keep].clone()
+                    ),
+                )
+            loaded.model(**inputs)
+    return {
+        n: torch.linalg.vector_norm(torch.cat(xs).double(), dim=0).float()
+        for n, xs in inputs_seen.items()
+    }
+
+
+@pytest.mark.parametrize("tokens", ["response", "all"])
+def test_norms_equal_naive(any_tiny, tokens):
+    loaded = any_tiny
+    data = samples(5)
+    if loaded.is_vision:
+        from hsr_core.data import with_typographic_images
+
+        data = with_typographic_images(data)
+    fast = wanda_norms(loaded, data, WandaConfig(tokens=tokens, batch_size=3))
+    slow = naive_norms(loaded, data, tokens)
+    assert fast.keys() == slow.keys() and len(fast) == 7 * loaded.adapter.num_layers
+    for name in fast:
+        assert torch.allclose(fast[name], slow[name], rtol=1e-4, atol=1e-5), name
+
+
+def test_response_tokens_only_differs_from_all(tiny_llama):
+    data = samples(4)
+    resp = wanda_norms(tiny_llama, data, WandaConfig(tokens="response"))
+    every = wanda_norms(tiny_llama, data, WandaConfig(tokens="all"))
+    name = tiny_llama.adapter.linear_name(0, "q_proj")
+    assert (every[name] > resp[name]).all()
+
+
+def test_response_mask_marks_the_answer(tiny_llama):
+    s = samples(1)[0]
+    inputs, plen, rlen = encode_one(tiny_llama, s)
+    answer = tiny_llama.tokenizer.decode(
+        inputs["input_ids"][0, plen : plen + rlen], skip_special_tokens=True
+    )
+    assert answer.strip() == s.response.strip()
+    prompt = tiny_llama.tokenizer.decode(inputs["input_ids"][0, :plen])
+    assert s.prompt in prompt and prompt.rstrip().endswith("assistant")
+
+
+def slow_row_mask(score: torch.Tensor, sparsity: float) -> torch.Tensor:
+    out_f, in_f = score.shape
+    k = int(in_f * sparsity)
+    mask = torch.zeros_like(score, dtype=torch.bool)
+    for i in range(out_f):
+        row = score[i].tolist()
+        for j in sorted(range(in_f), key=lambda j: (row[j], j))[:k]:
+            mask[i, j] = True
+    return mask
+
+
+def slow_nm_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    mask = torch.zeros_like(score, dtype=torch.bool)
+    for i in range(score.shape[0]):
+        for g in range(0, score.shape[1], m):
+            group = [(score[i, g + j].item(), g + j) for j in range(m)]
+            for _, j in sorted(group)[:n]:
+                mask[i, j] = True
+    return mask
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_unstructured_mask_equals_per_row_sort(seed):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(13, 24, generator=g)
+    w[0, :6] = 0.5  # ties: the earlier input is pruned first
+    norm = torch.rand(24, generator=g) + 0.1
+    score = wanda_score(w, norm)
+    for s in (0.0, 0.3, 0.5, 0.77):
+        assert torch.equal(
+            mask_from_scores(score, WandaConfig(sparsity=s)), slow_row_mask(score, s)
+        )
+
+
+@pytest.mark.parametrize("nm", [(2, 4), (4, 8), (1, 4)])
+def test_nm_mask_equals_brute_force(nm):
+    n, m = nm
+    g = torch.Generator().manual_seed(n * 10 + m)
+    score = torch.rand(9, 32, generator=g)
+    mask = mask_from_scores(score, WandaConfig(structure="n:m", n=n, m=m))
+    assert torch.equal(mask, slow_nm_mask(score, n, m))
+    assert (mask.view(9, -1, m).sum(-1) == n).all()
+
+
+def test_packed_mask_roundtrip():
+    g = torch.Generator().manual_seed(0)
+    for shape in [(1, 1), (3, 5), (7, 13), (64, 64)]:
+        m = torch.rand(shape, generator=g) > 0.5
+        p = PackedMask.pack(m)
+        assert torch.equal(p.unpack(), m) and p.count == int(m.sum())
+        assert p.bits.numel() == -(-m.numel() // 8)
+
+
+def test_prune_masks_on_model(tiny_llama):
+    norms = wanda_norms(tiny_llama, samples(4), WandaConfig())
+    masks = prune_masks(tiny_llama, norms, WandaConfig(sparsity=0.5))
+    for name, _, _, mod in tiny_llama.adapter.iter_linears():
+        expected = slow_row_mask(wanda_score(mod.weight, norms[name]), 0.5)
+        assert torch.equal(masks[name].unpack(), expected), name
+    rep = sparsity_report(tiny_llama, masks)
+    assert rep["sparsity"] == 0.5 and set(rep["per_layer"]) == {0, 1}
+    assert set(rep["per_module"]) == {
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    }
+
+
+def naive_sequential(loaded, data, cfg):
+    """Wanda's sequential mode the slow way: full forward passes, pruning one layer at a time."""
+    a = loaded.adapter
+    dense = {n: m.weight.detach().clone() for n, _, _, m in a.iter_linears()}
+    masks = {}
+    try:
+        for layer in range(a.num_layers):
+            norms = naive_norms(loaded, data, cfg.tokens)
+            for name, l, _, mod in a.iter_linears():
+                if l == layer:
+                    masks[name] = mask_from_scores(wanda_score(mod.weight, norms[name]), cfg)
+                    with torch.no_grad():
+                        mod.weight.masked_fill_(masks[name], 0)
+    finally:
+        with torch.no_grad():
+            for name, _, _, mod in a.iter_linears():
+                mod.weight.copy_(dense[name])
+    return masks
+
+
+def test_sequential_equals_naive_and_differs_from_one_shot(tiny_mha):
+    data = samples(4)
+    cfg = WandaConfig(sparsity=0.5, mode="sequential", batch_size=2)
+    before = {n: m.weight.detach().clone() for n, _, _, m in tiny_mha.adapter.iter_linears()}
+    seq = sequential_masks(tiny_mha, data, cfg)
+    for n, _, _, m in tiny_mha.adapter.iter_linears():  # weights untouched afterwards
+        assert torch.equal(m.weight, before[n])
+    slow = naive_sequential(tiny_mha, data, cfg)
+    for name in slow:
+        assert torch.equal(seq[name].unpack(), slow[name]), name
+    one_shot = prune_masks(tiny_mha, wanda_norms(tiny_mha, data, cfg), cfg)
+    a = tiny_mha.adapter
+    # layer 0 sees the same dense inputs either way; layer 1 sees a pruned layer 0 in sequential mode
+    for proj in ("q_proj", "down_proj"):
+        assert torch.equal(
+            seq[a.linear_name(0, proj)].unpack(), one_shot[a.linear_name(0, proj)].unpack()
+        )
+    assert any(
+        not torch.equal(seq[a.linear_name(1, p)].unpack(), one_shot[a.linear_name(1, p)].unpack())
+        for p in ("q_proj", "o_proj", "gate_proj", "down_proj")
+    )
+
+
+def test_bad_wanda_configs():
+    with pytest.raises(ConfigError, match="fraction"):
+        WandaConfig(sparsity=1.5)
+    with pytest.raises(ConfigError, match="fraction"):
+        WandaConfig(sparsity=50)
+    with pytest.raises(ConfigError, match="N:M"):
+        WandaConfig(structure="n:m", n=4, m=4)
+    with pytest.raises(ValueError, match="divisible"):
+        mask_from_scores(torch.rand(2, 6), WandaConfig(structure="n:m", n=2, m=4))
