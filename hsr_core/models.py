@@ -418,6 +418,7 @@ def load_model(
             "bfloat16, or the CPU."
         ) from e
     model.eval()
+    adapter = build_adapter(model)
     if is_vision:
         processor = AutoProcessor.from_pretrained(path, trust_remote_code=spec.trust_remote_code)
         tokenizer = processor.tokenizer
@@ -432,7 +433,6 @@ def load_model(
         raise ModelLoadError(
             f"{spec.name} has no chat template; HSR needs an instruction-tuned (chat) model."
         )
-    adapter = build_adapter(model)
     loaded = LoadedModel(spec, Path(path), model, tokenizer, processor, adapter)
     loaded.info = loaded.describe()
     return loaded
