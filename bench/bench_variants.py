@@ -1,0 +1,151 @@
+"""Variants: switching original / pruned / realigned in place against reloading the model,
+and the memory all three take against one copy of the weights.
+
+Memory is the process's anonymous resident memory (``RssAnon``, sampled every 2 ms by a
+thread) on the CPU, or ``torch.cuda.max_memory_allocated`` on a GPU. The dense values live in
+a memory-mapped scratch file (page cache, not anonymous memory), so they do not count, exactly
+as the design intends.
+
+Usage:
+    python bench/bench_variants.py --model builtin:smollm2-135m
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from hsr_core.config import ModelSpec, RealignConfig, WandaConfig  # noqa: E402
+from hsr_core.data import builtin_calibration  # noqa: E402
+from hsr_core.models import load_model  # noqa: E402
+from hsr_core.realign import RankCache, restore_set  # noqa: E402
+from hsr_core.variants import Variants  # noqa: E402
+from hsr_core.wanda import prune_masks, wanda_norms  # noqa: E402
+
+
+def rss_anon() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+class PeakSampler:
+    """Samples RssAnon in a thread; ``peak`` is the largest value seen."""
+
+    def __init__(self, every: float = 0.002) -> None:
+        self.every, self.peak, self._stop = every, 0, threading.Event()
+
+    def __enter__(self) -> PeakSampler:
+        self.peak = rss_anon()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, rss_anon())
+            time.sleep(self.every)
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._t.join()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--model", default="builtin:smollm2-135m")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--samples", type=int, default=8, help="calibration samples per set")
+    p.add_argument("--cycles", type=int, default=5)
+    args = p.parse_args()
+
+    spec = ModelSpec(args.model, device=args.device)
+    t = time.perf_counter()
+    loaded = load_model(spec)
+    t_load = time.perf_counter() - t
+    t = time.perf_counter()
+    load_model(spec)  # a reload with the files in the page cache
+    t_reload = time.perf_counter() - t
+    device = loaded.device
+    weights = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
+    # transformers maps safetensors weights on the CPU (file-backed pages, copied on first
+    # write); make them ordinary memory so the baseline holds one full copy, as on a GPU
+    for prm in loaded.model.parameters():
+        prm.data = prm.data.clone()
+
+    calib = builtin_calibration()
+    cfg = WandaConfig(sparsity=0.5, num_samples=args.samples)
+    safety = wanda_norms(loaded, calib.safety[: args.samples], cfg)
+    utility = wanda_norms(loaded, calib.utility[: args.samples], cfg)
+    masks = prune_masks(loaded, utility, cfg)
+    scores = torch.rand(
+        loaded.adapter.num_layers,
+        loaded.adapter.num_heads,
+        generator=torch.Generator().manual_seed(0),
+    )
+
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    base_anon = rss_anon()
+    with PeakSampler() as sampler:
+        v = Variants(loaded)
+        v.set_masks(masks)
+        rs = restore_set(
+            loaded,
+            masks,
+            scores,
+            RealignConfig(top_h=10),
+            RankCache(loaded, safety, utility, v.dense_weight),
+        )
+        v.set_restore(rs)
+        times: dict[str, list[float]] = {}
+        for _ in range(args.cycles):
+            for name in ("pruned", "realigned", "pruned", "original", "realigned", "original"):
+                prev = v.current
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                t = time.perf_counter()
+                v.switch(name)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                times.setdefault(f"{prev} -> {name}", []).append(time.perf_counter() - t)
+    extra = (
+        (torch.cuda.max_memory_allocated(device) - base)
+        if device.type == "cuda"
+        else sampler.peak - base_anon
+    )
+    v.close()
+
+    print(f"# {args.model} on {device}, {loaded.dtype}; weights {weights / 2**20:.0f} MiB")
+    print("| step | median ms | vs reload |")
+    print("|---|---|---|")
+    print(f"| load (first, cold cache) | {1000 * t_load:.0f} | |")
+    print(f"| reload (files in page cache) | {1000 * t_reload:.0f} | 1x |")
+    for k, ts in times.items():
+        m = statistics.median(ts)
+        print(f"| switch {k} | {1000 * m:.1f} | {t_reload / m:.0f}x faster |")
+    print(
+        f"\nrestored weights: {rs.count}; masks packed: {sum(m.bits.numel() for m in masks.values()) / 2**20:.1f} MiB"
+    )
+    print(
+        f"memory for all three variants: {(weights + extra) / weights:.3f}x one copy of the weights (extra {extra / 2**20:.1f} MiB at peak)"
+    )
+
+
+if __name__ == "__main__":
+    main()
