@@ -152,6 +152,11 @@ def _add_common(p: argparse.ArgumentParser, command: str) -> None:
     e.add_argument("--max-new-tokens", type=int, default=64)
     e.add_argument("--eval-batch", type=int, default=8)
     e.add_argument(
+        "--judge-model",
+        default=None,
+        help="optional Llama-Guard-style judge model (hub id or folder) for ASR",
+    )
+    e.add_argument(
         "--export", action="store_true", help="write pruned/ and realigned/ save_pretrained folders"
     )
 
@@ -306,7 +311,18 @@ def execute(command: str, args: argparse.Namespace) -> dict[str, Any]:
             )
         if eval_samples is not None and command in ("evaluate", "run"):
             t = time.perf_counter()
-            result = pl.evaluate(variants, eval_samples, run.eval)
+            judge = None
+            if args.judge_model:
+                from .evaluate import GuardJudge
+
+                judge = GuardJudge(
+                    load_model(
+                        ModelSpec(args.judge_model, dtype=args.dtype, device=args.device),
+                        cache_dir=cache_root,
+                        log=log,
+                    )
+                )
+            result = pl.evaluate(variants, eval_samples, run.eval, judge=judge)
             timings["evaluate"] = time.perf_counter() - t
             written["eval.json"] = str(pl.write_json(out / "eval.json", result))
             for name, v in result["variants"].items():
@@ -336,6 +352,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.quiet:
         os.environ["TQDM_DISABLE"] = "1"
     logging.getLogger("transformers").setLevel(logging.ERROR)
+    import torch
+
     from .data import DataError
     from .models import ModelLoadError
     from .progress import Cancelled
@@ -345,6 +363,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, ModelLoadError, Cancelled, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except torch.OutOfMemoryError as e:
+        print(
+            f"error: out of memory ({str(e).splitlines()[0]}). Lower --calib-batch / --eval-batch "
+            "/ --ships-batch, use --dtype bfloat16, or a smaller model.",
+            file=sys.stderr,
+        )
+        return 3
     print(json.dumps(written, indent=2))
     return 0
 

@@ -140,18 +140,28 @@ def ships_scores(
     heads = sorted(heads) if heads is not None else all_heads(a.num_layers, a.num_heads)
     device = loaded.device
     intact, ablated, kl = [], [], torch.zeros(len(heads), dtype=torch.float64)
+    batch = cfg.batch_size
     for sample in bar(prompts, desc="Ships attribution", unit="prompt"):
         check_stop(should_stop)
         inputs, _, _ = encode_one(loaded, sample, with_response=False)
         record = record_layers(loaded.model, a, {k: v.to(device) for k, v in inputs.items()})
-        finals = ablated_finals(
-            loaded,
-            record,
-            heads,
-            mode=cfg.ablation,
-            batch_size=cfg.batch_size,
-            should_stop=should_stop,
-        )
+        while True:
+            try:
+                finals = ablated_finals(
+                    loaded,
+                    record,
+                    heads,
+                    mode=cfg.ablation,
+                    batch_size=batch,
+                    should_stop=should_stop,
+                )
+                break
+            except torch.OutOfMemoryError:
+                if batch == 1:
+                    raise
+                batch = max(1, batch // 2)  # fewer ablated copies side by side, same result
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
         base = record.final[:, -1]  # [1, hidden]
         if cfg.metric == "angle":
             intact.append(base.float().cpu())

@@ -210,3 +210,23 @@ def test_heads_jsonl_roundtrip_and_top_heads(tmp_path):
 def test_angle_metric_needs_two_prompts(tiny_llama):
     with pytest.raises(ValueError, match="at least 2"):
         ships_scores(tiny_llama, probes(tiny_llama, 1), ShipsConfig(num_samples=1))
+
+
+def test_out_of_memory_halves_the_batch(tiny_llama, monkeypatch):
+    import hsr_core.ships as ships_mod
+
+    real = ships_mod.run_layer
+    sizes = []
+
+    def picky(layer, hidden, kwargs):
+        sizes.append(hidden.shape[0])
+        if hidden.shape[0] > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(layer, hidden, kwargs)
+
+    samples = probes(tiny_llama, 2)
+    expected = ships_scores(tiny_llama, samples, ShipsConfig(num_samples=2, batch_size=8))
+    monkeypatch.setattr(ships_mod, "run_layer", picky)
+    got = ships_scores(tiny_llama, samples, ShipsConfig(num_samples=2, batch_size=8))
+    assert torch.allclose(got, expected, atol=1e-4)
+    assert max(sizes) > 2 and sizes[-1] <= 2
