@@ -309,6 +309,7 @@ def execute(command: str, args: argparse.Namespace) -> dict[str, Any]:
                 f"HSR: restored {restore.count} weights ({restore.per_10k_pruned:.3f} per 10k pruned) "
                 f"in heads {', '.join(f'{l}-{h}' for l, h in restore.heads)}"
             )
+        result = None
         if eval_samples is not None and command in ("evaluate", "run"):
             t = time.perf_counter()
             judge = None
@@ -329,18 +330,17 @@ def execute(command: str, args: argparse.Namespace) -> dict[str, Any]:
                 log(
                     f"{name:>10}: refusals harmful {v['refusal_rate_harmful']:.0%}, benign {v['refusal_rate_benign']:.0%}, perplexity {v['perplexity']:.2f}"
                 )
+        summ = pl.summary(loaded, run, masks, restore, timings, cached)
         if args.export or command == "export":
             t = time.perf_counter()
             for name in ["pruned"] + (["realigned"] if restore is not None else []):
-                written[f"{name}/"] = str(pl.export_variant(variants, name, out / name))
+                card = pl.model_card(name, summ, result)
+                written[f"{name}/"] = str(pl.export_variant(variants, name, out / name, card))
             timings["export"] = time.perf_counter() - t
         if command != "evaluate":
             timings["total"] = time.perf_counter() - t0
-            written["summary.json"] = str(
-                pl.write_json(
-                    out / "summary.json", pl.summary(loaded, run, masks, restore, timings, cached)
-                )
-            )
+            summ["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
+            written["summary.json"] = str(pl.write_json(out / "summary.json", summ))
     finally:
         variants.close()
     return written

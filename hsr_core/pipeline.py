@@ -236,14 +236,104 @@ def evaluate(
     return out
 
 
-def export_variant(variants: Variants, variant: str, folder: Path) -> Path:
-    """``save_pretrained`` the variant's weights with its tokenizer or processor."""
+def export_variant(variants: Variants, variant: str, folder: Path, card: str | None = None) -> Path:
+    """``save_pretrained`` the variant's weights with its tokenizer or processor.
+
+    Args:
+        variants: the model and its masks / restore set.
+        variant: ``pruned`` or ``realigned`` (or ``original``).
+        folder: destination (created).
+        card: model card text written as ``README.md`` (see ``model_card``).
+    """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     with variants.use(variant) as loaded:
         loaded.model.save_pretrained(folder)
     (loaded.processor or loaded.tokenizer).save_pretrained(folder)
+    if card is not None:
+        (folder / "README.md").write_text(card, encoding="utf-8")
     return folder
+
+
+def model_card(
+    variant: str, summary_: dict[str, Any], evaluation: dict[str, Any] | None = None
+) -> str:
+    """A Hugging Face model card recording how a pruned / realigned model was made.
+
+    Args:
+        variant: ``pruned`` or ``realigned``.
+        summary_: the ``summary.json`` dict of the run (``summary``).
+        evaluation: the ``eval.json`` dict, when the variants were evaluated.
+    """
+    cfg = summary_.get("config", {})
+    wanda, realign_cfg = cfg.get("wanda", {}), cfg.get("realign", {})
+    base = summary_.get("model", "")
+    structure = (
+        "unstructured"
+        if wanda.get("structure") == "unstructured"
+        else f"{wanda.get('n')}:{wanda.get('m')}"
+    )
+    rows = [
+        ("base model", f"`{base}`"),
+        ("variant", variant),
+        ("calibration data", f"`{cfg.get('data')}`"),
+        (
+            "Wanda sparsity",
+            f"{wanda.get('sparsity')} ({structure}, {wanda.get('mode')}, {wanda.get('tokens')} tokens)",
+        ),
+        ("achieved sparsity", f"{summary_.get('achieved_sparsity', float('nan')):.4f}"),
+    ]
+    if variant == "realigned":
+        rows += [
+            (
+                "HSR p / q / max_p",
+                f"{realign_cfg.get('p')} / {realign_cfg.get('q')} / {realign_cfg.get('max_p')}",
+            ),
+            ("top_h, slicing", f"{realign_cfg.get('top_h')}, {realign_cfg.get('slicing')}"),
+            ("selected heads", ", ".join(summary_.get("selected_heads", []))),
+            (
+                "restored weights",
+                f"{summary_.get('restored')} ({summary_.get('restored_per_10k_pruned', 0):.3f} per 10k pruned)",
+            ),
+        ]
+    lines = [
+        "---",
+        f"base_model: {base}"
+        if "/" in base and not base.startswith("builtin:")
+        else "base_model: null",
+        "tags: [pruned, wanda, hsr, safety]",
+        "---",
+        "",
+        f"# {variant.capitalize()} model made with HSR Workbench",
+        "",
+        "Wanda pruning"
+        + (
+            " followed by Hierarchical Safety Realignment (HSR, ACL 2025 Findings): a small "
+            "set of pruned weights inside the safety-critical attention heads (found with Ships) was restored "
+            "to its dense value."
+            if variant == "realigned"
+            else "."
+        ),
+        "",
+        "| setting | value |",
+        "|---|---|",
+        *[f"| {k} | {v} |" for k, v in rows],
+    ]
+    if evaluation:
+        lines += [
+            "",
+            "## Evaluation",
+            "",
+            "| variant | refusals on harmful | refusals on benign | ASR | perplexity |",
+            "|---|---|---|---|---|",
+        ]
+        for name, v in evaluation.get("variants", {}).items():
+            lines.append(
+                f"| {name} | {v['refusal_rate_harmful']:.1%} | {v['refusal_rate_benign']:.1%} | {v['asr']:.1%} | {v['perplexity']:.2f} |"
+            )
+        if evaluation.get("rsr") is not None:
+            lines += ["", f"Refusal restoration rate (RSR): {evaluation['rsr']:.1%}."]
+    return "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------------------------------------

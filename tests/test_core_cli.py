@@ -90,6 +90,8 @@ def test_run_end_to_end(tmp_path, cache_root, eval_file):
     pruned = AutoModelForImageTextToText.from_pretrained(out / "pruned").state_dict()
     realigned = AutoModelForImageTextToText.from_pretrained(out / "realigned").state_dict()
     assert AutoProcessor.from_pretrained(out / "realigned").tokenizer.chat_template
+    card = (out / "realigned" / "README.md").read_text()
+    assert "selected heads" in card and f"{s['restored']} (" in card and "| realigned |" in card
     zeros = sum(
         int((pruned[k] == 0).sum())
         for k in pruned
