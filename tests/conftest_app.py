@@ -1,0 +1,111 @@
+"""Helpers of the app and browser tests: run ``app.py`` in a subprocess on a free port, and
+make a model slow enough to stop.
+
+The app gets its own cache folder (``HSR_CACHE_DIR``), no hub access (``HF_HUB_OFFLINE=1``, so
+that an unknown hub id fails at once instead of after retries) and no analytics.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # ``pytest`` run without ``python -m``
+    sys.path.insert(0, str(ROOT))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def running_app(cache_dir: Path, *, timeout: float = 180.0) -> Iterator[str]:
+    """Start ``python app.py``; yield its URL once it answers; stop it afterwards.
+
+    Raises:
+        RuntimeError: with the server's log when it exits or does not answer in time.
+    """
+    port = free_port()
+    log_path = Path(cache_dir) / "server.log"
+    env = {
+        **os.environ,
+        "HSR_CACHE_DIR": str(cache_dir),
+        "HF_HUB_OFFLINE": "1",
+        "GRADIO_ANALYTICS_ENABLED": "False",
+        "GRADIO_SERVER_NAME": "127.0.0.1",
+        "GRADIO_SERVER_PORT": str(port),
+        "PYTHONUNBUFFERED": "1",
+    }
+    url = f"http://127.0.0.1:{port}/"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "app.py"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
+        )
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"app.py exited ({proc.returncode}):\n{log_path.read_text()}")
+            try:
+                with urllib.request.urlopen(url, timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"app.py did not answer in {timeout:.0f} s:\n{log_path.read_text()}"
+                )
+            time.sleep(0.5)
+        yield url
+        if proc.poll() is not None:
+            raise RuntimeError(f"app.py died during the tests:\n{log_path.read_text()}")
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def slow_model(folder: Path) -> Path:
+    """A random Llama (8 layers, 8 heads, 4 KV heads, hidden 192) saved as a folder.
+
+    Ships over all 170 built-in harmful prompts takes tens of seconds on a CPU (the built-in
+    tiny Llama takes about a second), so a test can stop it midway.
+    """
+    from hsr_core.builtin import save_tiny_llama
+
+    return save_tiny_llama(
+        Path(folder),
+        num_hidden_layers=8,
+        hidden_size=192,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        intermediate_size=384,
+    )
+
+
+def unsupported_model(folder: Path) -> Path:
+    """A tiny GPT-2 (fused attention, no q/k/v/o projections) with a chat template: it loads,
+    but HSR cannot map its heads."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from hsr_core.builtin import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    config = GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=1, n_head=2, n_positions=256)
+    GPT2LMHeadModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return Path(folder)

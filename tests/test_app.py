@@ -1,0 +1,494 @@
+"""The app end to end through its API: ``app.py`` launched in a subprocess and driven with
+``gradio_client`` on the built-in tiny Llama (2 layers, 4 heads, 2 KV heads).
+
+One server serves the whole module (its own cache folder, no hub access). Each test opens
+its own ``Client`` (= one browser session) unless it continues the main session's work.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest_app import ROOT, running_app, slow_model, unsupported_model
+from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
+
+TINY = "builtin:tiny-llama"
+ENDPOINTS = {
+    "/load_model",
+    "/load_data",
+    "/attribute",
+    "/stop",
+    "/prune",
+    "/realign",
+    "/head_detail",
+    "/summary",
+}
+
+
+@pytest.fixture(scope="module")
+def url(tmp_path_factory: pytest.TempPathFactory):
+    with running_app(tmp_path_factory.mktemp("app-cache")) as address:
+        yield address
+
+
+def client(url: str) -> Client:
+    return Client(url, verbose=False)
+
+
+def load(c: Client, name: str = TINY):
+    return c.predict(name=name, dtype="auto", device="auto", api_name="/load_model")
+
+
+def attribute(c: Client, n: int = 8, *, recompute: bool = False):
+    return c.predict(
+        num_samples=n,
+        ablation="zero",
+        metric="angle",
+        r_main=1,
+        recompute=recompute,
+        api_name="/attribute",
+    )
+
+
+def prune(c: Client, sparsity: float = 0.5, structure: str = "unstructured"):
+    return c.predict(
+        sparsity=sparsity,
+        structure=structure,
+        mode="one-shot",
+        num_samples=16,
+        recompute=False,
+        api_name="/prune",
+    )
+
+
+def realign(c: Client, p=0.5, q=0.5, max_p=0.7, top_h=8, slicing="head", head=None) -> dict:
+    """Outputs of /realign by name."""
+    out = c.predict(
+        p=p, q=q, max_p=max_p, top_h=top_h, slicing=slicing, head=head, api_name="/realign"
+    )
+    names = ["status", "message", "totals", "heatmap", "bars", "head", "head_plot", "restore"]
+    return dict(zip(names, out, strict=True))
+
+
+def summary(c: Client) -> dict:
+    return c.predict(api_name="/summary")
+
+
+@pytest.fixture(scope="module")
+def session(url: str) -> Client:
+    """A session that has loaded the tiny model, attributed (8 prompts) and pruned (50%)."""
+    c = client(url)
+    load(c)
+    attribute(c, 8)
+    prune(c)
+    return c
+
+
+# ---------------------------------------------------------------------------------------------
+# pure parts, in-process (no server)
+
+
+def test_building_the_demo_loads_no_model() -> None:
+    import gradio as gr
+
+    from ui.layout import build_demo
+    from ui.session import WORKBENCH
+
+    t0 = time.perf_counter()
+    demo = build_demo()
+    assert isinstance(demo, gr.Blocks)
+    assert time.perf_counter() - t0 < 20
+    assert WORKBENCH.loaded is None
+
+
+def test_column_mapping_and_data_specs() -> None:
+    from hsr_core.config import ConfigError
+    from ui.handlers import data_spec, parse_columns
+
+    assert parse_columns("prompt=instruction, response=output") == (
+        ("prompt", "instruction"),
+        ("response", "output"),
+    )
+    assert parse_columns("") == ()
+    with pytest.raises(ConfigError, match="field=column"):
+        parse_columns("prompt")
+    assert data_spec("built-in", "x", "", None).source == "builtin"
+    assert data_spec("VLGuard folder", "/d/VLGuard", "", None).source == "vlguard:/d/VLGuard"
+    spec = data_spec("file", "", "prompt=q", "/tmp/up.jsonl")
+    assert spec.source == "/tmp/up.jsonl" and spec.column_map() == {"prompt": "q"}
+    with pytest.raises(ConfigError, match="hub dataset id"):
+        data_spec("hub dataset", "", "", None)
+
+
+def test_invalid_realign_config_is_a_message() -> None:
+    from ui.handlers import _realign_config
+
+    cfg, problem = _realign_config(0.8, 0.5, 0.7, 4, "head")
+    assert cfg is None and "must not exceed max_p" in problem
+    cfg, problem = _realign_config(0.5, 0.5, 0.7, 4, "head")
+    assert cfg is not None and cfg.top_h == 4 and problem == ""
+
+
+def test_ranking_table_orders_heads_and_puts_unscored_last() -> None:
+    from ui.figures import ranking_table
+
+    scores = np.array([[1.0, np.nan], [3.0, 2.0]])  # [L=2, H=2]
+    table = ranking_table(scores)
+    assert table["head"].tolist() == ["1-0", "1-1", "0-0", "0-1"]
+    assert table["rank"].tolist() == [1, 2, 3, 4]
+    assert ranking_table(None).empty
+
+
+def test_heatmap_marks_heads_with_their_rank() -> None:
+    from ui.figures import heads_heatmap
+
+    fig = heads_heatmap(np.arange(6.0).reshape(3, 2), [(2, 1), (0, 0)], score_label="angle")
+    heat, marks = fig.data
+    assert np.asarray(heat.z).shape == (3, 2)
+    assert list(marks.x) == [1, 0] and list(marks.y) == [2, 0]
+    assert [c[0] for c in marks.customdata] == [1, 2]
+    assert tuple(fig.layout.yaxis.range) == (2.5, -0.5)  # layer 0 at the top
+
+
+def test_head_ranks_figure_bins_every_weight_and_draws_the_band() -> None:
+    from ui.figures import head_ranks_figure
+
+    rng = np.random.default_rng(0)
+    n = 5000
+    safety, utility = rng.random(n), rng.random(n)
+    pruned = utility > 0.5
+    restored = pruned & (utility < 0.7) & (safety < 0.5)
+    fig = head_ranks_figure(
+        safety, utility, pruned, restored, p=0.5, q=0.5, max_p=0.7, head="3-1", bins=20
+    )
+    heat, dots, band = fig.data
+    assert np.nansum(np.asarray(heat.customdata)) == n  # every weight in one bin
+    share = np.asarray(heat.z, dtype=float)
+    assert np.nanmax(share[:, :10]) == 0 and np.nanmin(share[:, 10:]) == 1  # pruned = right half
+    assert len(dots.x) == restored.sum()
+    assert list(band.x) == [0.5, 0.7, 0.7, 0.5, 0.5] and list(band.y) == [0, 0, 0.5, 0.5, 0]
+    assert f"{int(restored.sum()):,} restored" in fig.layout.title.text
+    other = head_ranks_figure(
+        safety, utility, pruned, restored, p=0.5, q=0.5, max_p=0.7, head="0-0", selected=False
+    )
+    assert "not selected" in other.layout.title.text
+
+
+def test_sparsity_and_restored_charts() -> None:
+    from ui.figures import restored_bars, sparsity_chart
+
+    fig = sparsity_chart({0: 0.5, 1: 0.49}, {"q_proj": 0.5, "down_proj": 0.5}, 0.5)
+    assert [len(t.x) for t in fig.data] == [2, 2]
+    bars = restored_bars({"1-2": {"q_proj": 3, "o_proj": 1}, "0-0": {"q_proj": 0, "o_proj": 2}})
+    assert [t.name for t in bars.data] == ["q_proj", "o_proj"]
+    assert list(bars.data[0].y) == [3, 0]
+    assert not bars.layout.annotations
+
+
+def test_out_of_memory_is_explained() -> None:
+    import torch
+
+    from ui.handlers import explain
+
+    title, message = explain(torch.OutOfMemoryError("CUDA out of memory"))
+    assert title == "Out of memory" and "smaller model" in message
+    assert explain(RuntimeError("a bug")) is None
+
+
+def test_gpu_steps_use_spaces_when_it_is_there(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ui import handlers
+
+    assert handlers.gpu(60)(len) is len  # no spaces package: nothing changes
+    seen = []
+
+    class FakeSpaces:
+        @staticmethod
+        def GPU(duration):  # noqa: N802 (the spaces API)
+            seen.append(duration)
+            return lambda fn: fn
+
+    monkeypatch.setattr(handlers, "spaces", FakeSpaces)
+    handlers.gpu(handlers._ships_seconds)(len)
+    assert seen == [handlers._ships_seconds]
+    assert handlers._ships_seconds(128, "zero", "angle") == 286
+
+
+def test_eta_is_added_to_the_progress_text() -> None:
+    from ui.handlers import show_eta
+
+    class Bar:
+        def __init__(self) -> None:
+            self.desc, self.index, self.length = "Ships attribution", 0, 10
+
+    class Tracker:
+        def __init__(self) -> None:
+            self.iterables = [Bar()]
+            self.sent: list[str] = []
+
+        def _progress_callback(self):
+            return lambda bars: self.sent.append(bars[-1].desc)
+
+    tracker = Tracker()
+    show_eta(tracker)
+    tracker._progress_callback()(tracker.iterables)
+    tracker.iterables[-1].index = 5
+    time.sleep(0.05)
+    tracker._progress_callback()(tracker.iterables)
+    assert tracker.sent[0] == "Ships attribution"
+    assert re.fullmatch(r"Ships attribution · \d+ s left", tracker.sent[1])
+
+
+# ---------------------------------------------------------------------------------------------
+# the launched app, through gradio_client
+
+
+def test_every_action_has_a_named_endpoint(url: str) -> None:
+    api = client(url).view_api(return_format="dict", print_info=False)
+    assert set(api["named_endpoints"]) >= ENDPOINTS
+
+
+def test_steps_before_loading_a_model_say_what_to_do(url: str) -> None:
+    c = client(url)
+    for call in (lambda: prune(c), lambda: attribute(c), lambda: realign(c)):
+        with pytest.raises(AppError, match="Load a model first"):
+            call()
+    assert summary(c)["model"] is None
+
+
+def test_unknown_models_and_missing_folders_are_explained(url: str) -> None:
+    c = client(url)
+    with pytest.raises(AppError, match="Could not reach the Hugging Face hub"):
+        load(c, "no-such-org/no-such-model-hsr")
+    with pytest.raises(AppError, match="No folder"):
+        load(c, "/no/such/folder/for/hsr")
+    with pytest.raises(AppError, match="Unknown built-in model"):
+        load(c, "builtin:nope")
+    info, *_ = load(c)  # the server is fine and loads the next model
+    assert "LlamaForCausalLM" in info
+
+
+def test_loading_describes_the_model(url: str) -> None:
+    info, message, status, ships_samples, calib_samples, top_h, *_ = load(client(url))
+    assert "builtin:tiny-llama` already loaded" in message  # by the test before
+    assert "| layers | 2 |" in info
+    assert "4 query, 2 KV (GQA)" in info
+    assert "vision tower | no" in info
+    assert "cpu · float32" in info
+    assert TINY in status
+    assert top_h["value"] == 8  # min(10, 2 layers x 4 heads)
+
+
+def test_realign_before_prune_is_an_error(url: str) -> None:
+    c = client(url)
+    load(c)
+    attribute(c, 8)
+    with pytest.raises(AppError, match="Prune first"):
+        realign(c)
+    assert summary(c)["ships"]["top_heads"]  # the scores are kept
+
+
+def test_attribute_scores_every_head(session: Client) -> None:
+    status, message, heatmap, table = attribute(session, 8)
+    assert "8 heads over 8 probe prompts" in message
+    assert "from the cache" in message  # the session fixture computed them
+    assert table["headers"] == ["rank", "head", "layer", "head index", "score"]
+    assert len(table["data"]) == 8
+    assert [r[0] for r in table["data"]] == list(range(1, 9))
+    scores = [r[4] for r in table["data"]]
+    assert scores == sorted(scores, reverse=True)
+    fig = json.loads(heatmap["plot"])
+    assert fig["data"][0]["type"] == "heatmap"
+    assert "layer %{y}" in fig["data"][0]["hovertemplate"]
+
+
+def test_prune_reports_sparsity(session: Client) -> None:
+    status, message, chart = prune(session)
+    assert "50.00%" in message
+    assert "36,864 of 73,728" in message
+    fig = json.loads(chart["plot"])
+    assert len(fig["data"][0]["x"]) == 2  # one bar per layer
+    assert summary(session)["pruning"]["sparsity"] == pytest.approx(0.5)
+
+
+def test_realign_sliders_change_the_restore_set(session: Client) -> None:
+    a = realign(session, p=0.5, q=0.5, max_p=0.7)
+    b = realign(session, p=0.3, q=0.8, max_p=0.9)
+    assert a["restore"]["restored"] != b["restore"]["restored"]
+    assert b["restore"]["restored"] > a["restore"]["restored"] > 0
+    assert f"{b['restore']['restored']:,} weights restored" in b["totals"]
+    assert "‱" in b["totals"]
+    assert len(b["restore"]["selected_heads"]) == 8
+    assert b["head"]["value"] == b["restore"]["selected_heads"][0]
+    bars = json.loads(b["bars"]["plot"])
+    assert [t["name"] for t in bars["data"]] == ["q_proj", "k_proj", "v_proj", "o_proj"]
+    head_fig = json.loads(b["head_plot"]["plot"])
+    assert "restored" in head_fig["layout"]["title"]["text"]
+    assert summary(session)["restore"]["restored"] == b["restore"]["restored"]
+
+
+def test_head_detail_shows_any_head(session: Client) -> None:
+    realign(session, top_h=2)
+    fig, dropdown = session.predict(head="1-3", api_name="/head_detail")
+    title = json.loads(fig["plot"])["layout"]["title"]["text"]
+    assert title.startswith("Head 1-3")
+    assert dropdown["value"] == "1-3"
+    with pytest.raises(AppError, match="outside the model"):
+        session.predict(head="7-0", api_name="/head_detail")
+
+
+def test_invalid_realign_settings_are_explained_in_place(session: Client) -> None:
+    before = realign(session, p=0.4)["restore"]["restored"]
+    bad = realign(session, p=0.8, max_p=0.7)
+    assert "must not exceed max_p" in bad["message"]
+    assert bad["restore"] == {"__type__": "update"}  # nothing else changes
+    too_many = realign(session, top_h=20)
+    assert "exceeds the model's 8 attention heads" in too_many["message"]
+    assert summary(session)["restore"]["restored"] == before
+
+
+def test_malformed_data_file_is_explained(session: Client, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "hi", "response": "hello", "harmful": false}\n{not json\n')
+    with pytest.raises(AppError, match="row 2: not valid JSON"):
+        session.predict(
+            source="file",
+            location="",
+            columns="",
+            upload=handle_file(str(bad)),
+            api_name="/load_data",
+        )
+    with pytest.raises(AppError, match="column mapping"):
+        session.predict(
+            source="file",
+            location="",
+            columns="prompt",
+            upload=handle_file(str(bad)),
+            api_name="/load_data",
+        )
+    kept = summary(session)
+    assert kept["data"] == "built-in"
+    assert kept["pruning"] is not None and kept["restore"] is not None
+
+
+def test_uploaded_data_with_a_column_mapping_loads(url: str, tmp_path: Path) -> None:
+    rows = [
+        {
+            "instruction": f"How do I hurt someone, way {i}?",
+            "output": "I can't help with that.",
+            "unsafe": "yes",
+        }
+        for i in range(3)
+    ] + [
+        {"instruction": f"Name a fruit, please ({i}).", "output": "An apple.", "unsafe": "no"}
+        for i in range(3)
+    ]
+    path = tmp_path / "mine.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    c = client(url)
+    info, *_ = c.predict(
+        source="file",
+        location="",
+        columns="prompt=instruction,response=output,harmful=unsafe",
+        upload=handle_file(str(path)),
+        api_name="/load_data",
+    )
+    assert "3 harmful requests" in info and "3 benign requests" in info
+
+
+def test_api_doc_example_runs(url: str) -> None:
+    doc = (ROOT / "docs" / "API.md").read_text(encoding="utf-8")
+    code = re.search(r"```python\n(.*?)```", doc, re.S).group(1)
+    run = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, "HSR_URL": url},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert run.returncode == 0, run.stderr
+    assert re.search(r"p=0.3: restored \d+ weights", run.stdout)
+    assert "top heads" in run.stdout
+
+
+def test_unsupported_architecture_is_explained(
+    url: str, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    c = client(url)
+    load(c)
+    folder = unsupported_model(tmp_path_factory.mktemp("gpt2") / "tiny-gpt2")
+    with pytest.raises(AppError, match="Unsupported architecture GPT2LMHeadModel"):
+        load(c, str(folder))
+    status, message, *_ = attribute(c, 2)  # refused before the loaded model was released
+    assert "Ships scores of 8 heads" in message
+
+
+def test_another_tab_loading_a_model_is_explained(url: str) -> None:
+    mine, other = client(url), client(url)
+    load(mine)
+    attribute(mine, 8)
+    prune(mine)
+    realign(mine)
+    load(other, "builtin:tiny-llava-next")
+    with pytest.raises(AppError, match="Another tab replaced the shared model"):
+        realign(mine)
+    load(mine)  # loading it again brings the session back, its results intact
+    assert realign(mine)["restore"]["restored"] > 0
+
+
+def test_two_sessions_work_at_once(url: str) -> None:
+    """Concurrent sessions on the same model are serialized, not mixed up."""
+    results: dict[str, int] = {}
+
+    def work(name: str, p: float) -> None:
+        c = client(url)
+        load(c)
+        attribute(c, 8)
+        prune(c)
+        results[name] = realign(c, p=p)["restore"]["restored"]
+
+    threads = [threading.Thread(target=work, args=(n, p)) for n, p in (("a", 0.3), ("b", 0.5))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    single = client(url)
+    load(single)
+    attribute(single, 8)
+    prune(single)
+    assert results["a"] == realign(single, p=0.3)["restore"]["restored"]
+    assert results["b"] == realign(single, p=0.5)["restore"]["restored"]
+
+
+def test_stop_interrupts_attribution_and_keeps_earlier_scores(
+    url: str, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Last: it replaces the shared model with a slower one."""
+    c = client(url)
+    load(c, str(slow_model(tmp_path_factory.mktemp("slow") / "slow-llama")))
+    attribute(c, 2)
+    job = c.submit(
+        num_samples=170,
+        ablation="zero",
+        metric="angle",
+        r_main=1,
+        recompute=True,
+        api_name="/attribute",
+    )
+    time.sleep(2.0)
+    c.predict(api_name="/stop")
+    status, message, heatmap, table = job.result(timeout=300)
+    assert "Stopped" in message
+    kept = summary(c)["ships"]
+    assert kept["config"]["num_samples"] == 2
+    assert len(kept["top_heads"]) == 10

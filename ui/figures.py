@@ -1,0 +1,435 @@
+"""What the app draws: pure builders from arrays to Plotly figures and tables.
+
+Every function here takes plain data (NumPy arrays, lists, dicts of numbers) and returns a
+``plotly.graph_objects.Figure`` (or a ``pandas.DataFrame`` for tables). No tensors, no model:
+the handlers turn the core's results into arrays first, so these functions can be timed and
+tested on their own.
+
+Each figure is written as one dict of traces and layout and validated once by ``go.Figure``:
+Plotly's ``update_*`` calls re-validate on every call and cost ~30 ms a figure, too much for
+the Realign tab's 150 ms per slider move.
+
+Conventions: heads are ``(layer, head)``, written ``"l-h"``; head tables are
+``[num_layers, num_heads]`` with layers on the y axis (layer 0 at the top) and heads on x.
+Rank fractions are "top fractions" as in the spec: 0 is the highest score, 1 the lowest.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+
+PROJ_COLORS = {
+    "q_proj": "#4C78A8",
+    "k_proj": "#F58518",
+    "v_proj": "#54A24B",
+    "o_proj": "#B279A2",
+    "gate_proj": "#9D755D",
+    "up_proj": "#BAB0AC",
+    "down_proj": "#72B7B2",
+}
+MARK_COLOR = "#E4572E"
+RESTORED_COLOR = "#16A34A"
+MUTED = "#6B7280"
+
+
+AXIS = {
+    "gridcolor": "#EEF0F3",
+    "zerolinecolor": "#D1D5DB",
+    "linecolor": "#9CA3AF",
+    "automargin": True,
+}
+
+
+def _figure(data: list[dict[str, Any]], *, title: str, height: int, **layout: Any) -> go.Figure:
+    """One validated figure from trace dicts and layout fields, in the app's style.
+
+    The empty ``none`` template keeps Plotly from deep-copying its default template into every
+    figure (~15 ms each); the few styles the app wants are set here instead.
+    """
+    base: dict[str, Any] = {
+        "template": "none",
+        "title": {"text": title, "x": 0.01, "xanchor": "left", "font": {"size": 14}},
+        "height": height,
+        "margin": {"l": 60, "r": 20, "t": 56, "b": 50},
+        "font": {"family": "Inter, system-ui, sans-serif", "size": 12, "color": "#1F2937"},
+        "paper_bgcolor": "white",
+        "plot_bgcolor": "white",
+        "hoverlabel": {"font": {"size": 12}},
+        "xaxis": AXIS,
+        "yaxis": AXIS,
+    }
+    for key, value in layout.items():
+        base[key] = {**AXIS, **value} if key.startswith(("xaxis", "yaxis")) else value
+    return go.Figure(data=data, layout=base)
+
+
+def _note(text: str, size: int = 13) -> dict[str, Any]:
+    """A centred annotation in paper coordinates."""
+    return {
+        "text": text,
+        "x": 0.5,
+        "y": 0.5,
+        "xref": "paper",
+        "yref": "paper",
+        "showarrow": False,
+        "font": {"size": size, "color": MUTED},
+    }
+
+
+def placeholder(message: str, *, height: int = 320) -> go.Figure:
+    """An empty figure that says what to do to fill it."""
+    hidden = {"visible": False}
+    return _figure(
+        [],
+        title="",
+        height=height,
+        annotations=[_note(message, 14)],
+        xaxis=hidden,
+        yaxis=hidden,
+    )
+
+
+def head_label(layer: int, head: int) -> str:
+    return f"{layer}-{head}"
+
+
+def parse_head(text: str, num_layers: int, num_heads: int) -> tuple[int, int]:
+    """``"l-h"`` -> ``(l, h)``, checked against the model's geometry.
+
+    Raises:
+        ValueError: with a message that says what a head looks like.
+    """
+    try:
+        layer, head = (int(x) for x in str(text).strip().split("-"))
+    except ValueError:
+        raise ValueError(f"{text!r} is not a head; write it as layer-head, e.g. 3-1") from None
+    if not (0 <= layer < num_layers and 0 <= head < num_heads):
+        raise ValueError(
+            f"head {text} is outside the model's {num_layers} layers x {num_heads} heads"
+        )
+    return layer, head
+
+
+def _legend_top() -> dict[str, Any]:
+    return {"orientation": "h", "x": 1, "xanchor": "right", "y": 1.0, "yanchor": "bottom"}
+
+
+def heads_heatmap(
+    scores: np.ndarray,
+    marked: Sequence[tuple[int, int]] = (),
+    *,
+    title: str = "Ships score per head",
+    score_label: str = "score",
+    marked_label: str = "top heads",
+) -> go.Figure:
+    """Heatmap of head scores, layers on y and heads on x, with some heads circled.
+
+    Args:
+        scores: ``[num_layers, num_heads]``; NaN cells (heads not scored) stay blank.
+        marked: heads to circle, best first (their rank shows on hover).
+        title: figure title.
+        score_label: colour bar title and hover name of the score (e.g. "angle (deg)").
+        marked_label: legend entry of the circled heads.
+    """
+    scores = np.asarray(scores, dtype=float)
+    L, H = scores.shape
+    data: list[dict[str, Any]] = [
+        {
+            "type": "heatmap",
+            "z": scores,
+            "x": np.arange(H),
+            "y": np.arange(L),
+            "colorscale": "Blues",
+            "colorbar": {"title": {"text": score_label, "side": "right"}, "thickness": 12},
+            "hovertemplate": f"layer %{{y}} · head %{{x}}<br>{score_label} %{{z:.4g}}<extra></extra>",
+            "xgap": 1,
+            "ygap": 1,
+            "showscale": True,
+        }
+    ]
+    if len(marked):
+        data.append(
+            {
+                "type": "scatter",
+                "x": [h for _, h in marked],
+                "y": [l for l, _ in marked],
+                "mode": "markers",
+                "marker": {
+                    "symbol": "circle-open",
+                    "size": max(8, min(18, int(420 / max(L, H)))),
+                    "color": MARK_COLOR,
+                    "line": {"width": 2.5},
+                },
+                "customdata": [[i + 1, float(scores[l, h])] for i, (l, h) in enumerate(marked)],
+                "hovertemplate": (
+                    "layer %{y} · head %{x}<br>rank %{customdata[0]}"
+                    f"<br>{score_label} %{{customdata[1]:.4g}}<extra></extra>"
+                ),
+                "name": marked_label,
+                "showlegend": True,
+            }
+        )
+    return _figure(
+        data,
+        title=title,
+        height=int(min(760, max(320, 16 * L + 140))),
+        xaxis={
+            "title": {"text": "head"},
+            "range": [-0.5, H - 0.5],
+            "dtick": 1 if H <= 32 else None,
+            "showgrid": False,
+            "zeroline": False,
+        },
+        yaxis={
+            "title": {"text": "layer"},
+            "range": [L - 0.5, -0.5],  # layer 0 at the top
+            "dtick": 1 if L <= 16 else (2 if L <= 40 else None),
+            "showgrid": False,
+            "zeroline": False,
+        },
+        legend=_legend_top(),
+        clickmode="event",
+    )
+
+
+def ranking_table(scores: np.ndarray | None, top: int | None = None) -> pd.DataFrame:
+    """Heads ranked by score, best first (NaN last): rank, head "l-h", layer, head, score.
+
+    ``scores`` is ``[num_layers, num_heads]``; None gives the empty table.
+    """
+    if scores is None:
+        return pd.DataFrame(columns=["rank", "head", "layer", "head index", "score"])
+    scores = np.asarray(scores, dtype=float)
+    L, H = scores.shape
+    flat = np.where(np.isnan(scores), -np.inf, scores).reshape(-1)
+    order = np.argsort(-flat, kind="stable")[: top or flat.size]
+    layers, heads = order // H, order % H
+    return pd.DataFrame(
+        {
+            "rank": np.arange(1, order.size + 1),
+            "head": [head_label(int(l), int(h)) for l, h in zip(layers, heads, strict=True)],
+            "layer": layers,
+            "head index": heads,
+            "score": np.round(scores.reshape(-1)[order], 5),
+        }
+    )
+
+
+def sparsity_chart(
+    per_layer: Mapping[int, float], per_module: Mapping[str, float], target: float
+) -> go.Figure:
+    """Achieved sparsity per decoder layer and per module, against the target (dashed)."""
+    layers = sorted(per_layer)
+    order = list(PROJ_COLORS)
+    modules = sorted(per_module, key=lambda p: order.index(p) if p in order else len(order))
+    pct_layer = [100 * per_layer[l] for l in layers]
+    top = max([100 * target, *pct_layer, *(100 * v for v in per_module.values())]) * 1.15 or 1
+    line = {"color": MARK_COLOR, "dash": "dash", "width": 1.5}
+    data = [
+        {
+            "type": "bar",
+            "x": layers,
+            "y": pct_layer,
+            "marker": {"color": "#4C78A8"},
+            "hovertemplate": "layer %{x}<br>%{y:.2f}% pruned<extra></extra>",
+            "showlegend": False,
+        },
+        {
+            "type": "bar",
+            "x": modules,
+            "y": [100 * per_module[p] for p in modules],
+            "marker": {"color": [PROJ_COLORS.get(p, "#888") for p in modules]},
+            "hovertemplate": "%{x}<br>%{y:.2f}% pruned<extra></extra>",
+            "showlegend": False,
+            "xaxis": "x2",
+            "yaxis": "y2",
+        },
+    ]
+    return _figure(
+        data,
+        title=f"Achieved sparsity (dashed: target {100 * target:.0f}%)",
+        height=340,
+        xaxis={
+            "domain": [0, 0.68],
+            "title": {"text": "layer"},
+            "dtick": 1 if len(layers) <= 32 else None,
+        },
+        yaxis={"title": {"text": "weights pruned (%)"}, "range": [0, top]},
+        xaxis2={"domain": [0.76, 1], "anchor": "y2", "title": {"text": "module"}},
+        yaxis2={"anchor": "x2", "range": [0, top]},
+        shapes=[
+            {
+                "type": "line",
+                "xref": f"x{s} domain",
+                "yref": f"y{s}",
+                "x0": 0,
+                "x1": 1,
+                "y0": 100 * target,
+                "y1": 100 * target,
+                "line": line,
+            }
+            for s in ("", "2")
+        ],
+        bargap=0.15,
+    )
+
+
+def restored_bars(
+    per_head: Mapping[str, Mapping[str, int]], projections: Sequence[str] | None = None
+) -> go.Figure:
+    """Restored weights per selected head (in the given order), stacked by projection."""
+    heads = list(per_head)
+    if not heads:
+        return placeholder("No heads selected")
+    projs = list(projections or next(iter(per_head.values())).keys())
+    data = [
+        {
+            "type": "bar",
+            "x": heads,
+            "y": [per_head[h].get(proj, 0) for h in heads],
+            "name": proj,
+            "marker": {"color": PROJ_COLORS.get(proj)},
+            "hovertemplate": f"head %{{x}}<br>{proj}: %{{y:,}} restored<extra></extra>",
+        }
+        for proj in projs
+    ]
+    total = sum(sum(v.values()) for v in per_head.values())
+    return _figure(
+        data,
+        title="Restored weights per head and module",
+        height=340,
+        barmode="stack",
+        legend={**_legend_top(), "traceorder": "normal"},
+        xaxis={"title": {"text": "head (layer-head, by Ships rank)"}, "type": "category"},
+        yaxis={"title": {"text": "restored weights"}, "rangemode": "tozero"},
+        annotations=[] if total else [_note("nothing restored with these settings")],
+    )
+
+
+def head_ranks_figure(
+    safety: np.ndarray,
+    utility: np.ndarray,
+    pruned: np.ndarray,
+    restored: np.ndarray,
+    *,
+    p: float,
+    q: float,
+    max_p: float,
+    head: str,
+    total: int | None = None,
+    restored_total: int | None = None,
+    selected: bool = True,
+    bins: int = 40,
+    max_restored_points: int = 3000,
+) -> go.Figure:
+    """One head's weights on utility-rank vs safety-rank axes (spec section 4).
+
+    The background is a 2-D histogram of the head's weights, shaded by the share of them the
+    mask pruned; the R band (utility rank in ``[p, max_p)``, safety rank below ``q``) is the
+    dashed box; restored weights (in R and pruned) are the green dots.
+
+    Args:
+        safety, utility: rank fractions in [0, 1] (0 = top) of each weight, ``float[n]``.
+        pruned, restored: ``bool[n]`` flags.
+        p, q, max_p: the realignment fractions.
+        head: the head's ``"l-h"`` label.
+        total: how many weights the head's slices hold (when ``n`` is a sample of them).
+        restored_total: the head's exact restored count (when ``n`` is a sample).
+        selected: whether the head is among the realigned ones; when it is not, nothing is
+            restored and the dots show what would be.
+        bins: histogram bins per axis.
+        max_restored_points: restored weights drawn individually (a reproducible sample).
+    """
+    safety = np.asarray(safety, dtype=float)
+    utility = np.asarray(utility, dtype=float)
+    pruned = np.asarray(pruned, dtype=bool)
+    restored = np.asarray(restored, dtype=bool)
+    n = safety.size
+    # bin of each weight along each axis, then counts per cell: [bins (safety), bins (utility)]
+    bx = np.minimum((utility * bins).astype(np.int64), bins - 1)
+    by = np.minimum((safety * bins).astype(np.int64), bins - 1)
+    cell = by * bins + bx
+    count = np.bincount(cell, minlength=bins * bins).reshape(bins, bins)
+    n_pruned = np.bincount(cell, weights=pruned, minlength=bins * bins).reshape(bins, bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        share = np.where(count > 0, n_pruned / np.maximum(count, 1), np.nan)
+    centers = (np.arange(bins) + 0.5) / bins
+    idx = np.flatnonzero(restored)
+    if idx.size > max_restored_points:
+        idx = np.sort(np.random.default_rng(0).choice(idx, max_restored_points, replace=False))
+    n_restored = int(restored.sum()) if restored_total is None else restored_total
+    what = "restored" if selected else "would be restored"
+    data = [
+        {
+            "type": "heatmap",
+            "z": share,
+            "x": centers,
+            "y": centers,
+            "customdata": count,
+            "zmin": 0,
+            "zmax": 1,
+            "colorscale": [[0, "#F3F4F6"], [1, "#9CA3AF"]],
+            "colorbar": {
+                "title": {"text": "share pruned", "side": "right"},
+                "thickness": 12,
+                "tickformat": ".0%",
+            },
+            "hovertemplate": (
+                "utility rank ≈ %{x:.3f}<br>safety rank ≈ %{y:.3f}"
+                "<br>%{customdata:,} weights, %{z:.0%} pruned<extra></extra>"
+            ),
+            "name": "weights",
+            "showlegend": False,
+        },
+        {
+            "type": "scattergl",
+            "x": utility[idx],
+            "y": safety[idx],
+            "mode": "markers",
+            "marker": {
+                "size": 4,
+                "color": RESTORED_COLOR if selected else "#737373",
+                "opacity": 0.85,
+            },
+            "name": f"{what} ({n_restored:,})",
+            "hovertemplate": (
+                f"{what}<br>utility rank %{{x:.4f}}<br>safety rank %{{y:.4f}}<extra></extra>"
+            ),
+        },
+        {  # the R band: p <= utility rank < max_p and safety rank < q
+            "type": "scatter",
+            "x": [p, max_p, max_p, p, p],
+            "y": [0, 0, q, q, 0],
+            "mode": "lines",
+            "line": {"color": RESTORED_COLOR, "dash": "dash", "width": 2},
+            "fill": "toself",
+            "fillcolor": "rgba(22,163,74,0.08)",
+            "name": f"R band: utility rank {p:g}..{max_p:g}, safety rank < {q:g}",
+            "hoverinfo": "skip",
+        },
+    ]
+    shown = f"{n:,}" if total in (None, n) else f"{n:,} of {total:,}"
+    title = (
+        f"Head {head}: {shown} weights of its q/k/v/o slices, {n_restored:,} restored"
+        if selected
+        else f"Head {head} (not selected, nothing restored): {shown} weights"
+    )
+    axis = {"range": [0, 1], "tickformat": ".1f", "showgrid": False, "zeroline": False}
+    return _figure(
+        data,
+        title=title,
+        height=470,
+        margin={"l": 70, "r": 20, "t": 56, "b": 100},
+        xaxis={**axis, "title": {"text": "utility rank (top fraction; 0 = most useful)"}},
+        yaxis={
+            **axis,
+            "range": [1, 0],
+            "title": {"text": "safety rank (top fraction; 0 = most safety-relevant)"},
+        },
+        legend={"orientation": "h", "x": 0, "xanchor": "left", "y": -0.2, "yanchor": "top"},
+    )
