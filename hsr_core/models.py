@@ -12,6 +12,7 @@ tower, the projector, embeddings and the LM head are never scored, pruned or res
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -286,6 +287,21 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
 _WEIGHT_IGNORE = ["*.pth", "*.pt", "*.msgpack", "*.h5", "*.ot", "*.onnx", "*.gguf", "original/*"]
 
 
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """A quick TCP check of the hub endpoint (no retries), honouring HF_HUB_OFFLINE."""
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return False
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        with socket.create_connection((url.hostname, url.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
 def download(repo_id: str, revision: str | None, *, trust_remote_code: bool) -> Path:
     """Fetch a hub model (or find it in the local hub cache) and return its folder.
 
@@ -304,26 +320,24 @@ def download(repo_id: str, revision: str | None, *, trust_remote_code: bool) -> 
     if not trust_remote_code:
         ignore.append("*.py")
     try:
-        try:
-            files = HfApi().list_repo_files(repo_id, revision=revision)
-            if any(f.endswith(".safetensors") for f in files):
-                ignore.append("*.bin")
-            return Path(snapshot_download(repo_id, revision=revision, ignore_patterns=ignore))
-        except (RepositoryNotFoundError, GatedRepoError, RevisionNotFoundError):
-            raise
-        except Exception as online_error:  # no network: fall back to what is cached
-            try:
-                return Path(
-                    snapshot_download(
-                        repo_id, revision=revision, ignore_patterns=ignore, local_files_only=True
-                    )
+        try:  # a complete local snapshot is used as it is (works offline, no network wait)
+            return Path(
+                snapshot_download(
+                    repo_id, revision=revision, ignore_patterns=ignore, local_files_only=True
                 )
-            except LocalEntryNotFoundError:
-                raise ModelLoadError(
-                    f"Could not reach the Hugging Face hub to download {repo_id!r} and it is not "
-                    f"in the local hub cache ({type(online_error).__name__}: {online_error}). "
-                    "Check the network connection, or give a local folder or a builtin: model."
-                ) from online_error
+            )
+        except LocalEntryNotFoundError:
+            pass
+        if not _hub_reachable():
+            raise ModelLoadError(
+                f"Could not reach the Hugging Face hub to download {repo_id!r}, and it is not in "
+                "the local hub cache. Check the network connection (or HF_ENDPOINT), or give a "
+                "local folder or a builtin: model."
+            )
+        files = HfApi().list_repo_files(repo_id, revision=revision)
+        if any(f.endswith(".safetensors") for f in files):
+            ignore.append("*.bin")
+        return Path(snapshot_download(repo_id, revision=revision, ignore_patterns=ignore))
     except GatedRepoError as e:
         raise ModelLoadError(
             f"{repo_id!r} is gated: accept its license on huggingface.co and log in "
@@ -371,6 +385,24 @@ def _auto_class(config: Any):
         f"Model type {model_type!r} is neither a causal language model nor an image-text-to-text "
         f"model in transformers. Supported: {SUPPORTED}."
     )
+
+
+def check_supported(path: Path, *, trust_remote_code: bool = False) -> None:
+    """Raise ``ArchitectureError`` when HSR cannot map a model folder, without loading weights.
+
+    The model is built from its config on the ``meta`` device (no memory), so a caller can
+    refuse an unsupported model before releasing the one it holds.
+    """
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except ValueError as e:
+        raise ArchitectureError(f"transformers cannot read {path}/config.json: {e}") from e
+    auto_cls, _ = _auto_class(config)
+    with torch.device("meta"):
+        model = auto_cls.from_config(config, trust_remote_code=trust_remote_code)
+    build_adapter(model)
 
 
 def load_model(

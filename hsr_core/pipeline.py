@@ -35,7 +35,7 @@ from .progress import StopFlag
 from .realign import RankCache, RestoreSet, restore_set
 from .ships import ships_scores
 from .store import ResultCache, folder_fingerprint
-from .variants import Variants
+from .variants import VariantError, Variants
 from .wanda import Masks, compute_masks, sparsity_report, wanda_norms
 
 
@@ -188,7 +188,7 @@ def realign(
     """Compute the restore set and install it in ``variants``; value: RestoreSet."""
     t0 = time.perf_counter()
     if variants.masks is None:
-        raise RuntimeError("prune first: realignment restores weights that the mask pruned")
+        raise VariantError("prune first: realignment restores weights that the mask pruned")
     rs = restore_set(variants.loaded, variants.masks, scores, cfg, ranks)
     variants.set_restore(rs)
     return Timed(rs, False, time.perf_counter() - t0)

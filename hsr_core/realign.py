@@ -31,7 +31,7 @@ import torch
 from .config import RealignConfig
 from .models import ATTN_PROJS, LoadedModel, ModelAdapter
 from .ships import top_heads
-from .wanda import Masks, wanda_score
+from .wanda import Masks, PackedMask, wanda_score
 
 
 def descending_ranks(score: torch.Tensor) -> torch.Tensor:
@@ -133,6 +133,12 @@ class RestoreSet:
         }
 
 
+KEEP_MASKS_MAX_WEIGHTS = 64_000_000
+"""Models with at most this many attention weights (SmolLM2-135M: 26.5 M) keep the unpacked
+masks of the attention projections between calls (1 byte a weight), so a new realignment
+setting does not unpack them again."""
+
+
 class RankCache:
     """Safety and utility ranks of the attention projections, computed once per linear.
 
@@ -141,6 +147,10 @@ class RankCache:
         safety_norms, utility_norms: ``wanda_norms`` of the two sets.
         weight_of: returns the *dense* weight of a linear by name (default: the module's
             current weight, which must then be dense).
+        device: where ranks are computed and kept (default: the weight's device); the CPU
+            keeps GPU memory free for generation.
+        keep_masks: keep unpacked masks between calls (default: for models with at most
+            ``KEEP_MASKS_MAX_WEIGHTS`` attention weights).
     """
 
     def __init__(
@@ -149,22 +159,45 @@ class RankCache:
         safety_norms: dict[str, torch.Tensor],
         utility_norms: dict[str, torch.Tensor],
         weight_of: Callable[[str], torch.Tensor] | None = None,
+        *,
+        device: torch.device | str | None = None,
+        keep_masks: bool | None = None,
     ) -> None:
         self.loaded = loaded
         self.safety_norms = safety_norms
         self.utility_norms = utility_norms
         self.weight_of = weight_of or (lambda name: loaded.model.get_submodule(name).weight)
+        self.device = device
+        if keep_masks is None:
+            attn = sum(
+                m.weight.numel() for *_, m in loaded.adapter.iter_linears(attention_only=True)
+            )
+            keep_masks = attn <= KEEP_MASKS_MAX_WEIGHTS
+        self.keep_masks = keep_masks
         self._ranks: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._masks: dict[str, tuple[PackedMask, torch.Tensor]] = {}
 
     def get(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """``(safety ranks, utility ranks)`` of a linear, int32 ``[out, in]``."""
         if name not in self._ranks:
             w = self.weight_of(name)
+            if self.device is not None:
+                w = w.to(self.device)
             self._ranks[name] = (
                 descending_ranks(wanda_score(w, self.safety_norms[name])),
                 descending_ranks(wanda_score(w, self.utility_norms[name])),
             )
         return self._ranks[name]
+
+    def pruned(self, name: str, mask: PackedMask) -> torch.Tensor:
+        """``mask`` unpacked on the ranks' device (kept while the same mask comes back)."""
+        hit = self._masks.get(name)
+        if hit is not None and hit[0] is mask:
+            return hit[1]
+        unpacked = mask.unpack(self.get(name)[0].device)
+        if self.keep_masks:
+            self._masks[name] = (mask, unpacked)
+        return unpacked
 
 
 def restore_set(
@@ -203,7 +236,7 @@ def restore_set(
         for proj in ATTN_PROJS:
             name = a.linear_name(layer, proj)
             rank_s, rank_u = ranks.get(name)
-            pruned = masks[name].unpack(rank_s.device)
+            pruned = ranks.pruned(name, masks[name])
             n_in, numel = rank_s.shape[1], rank_s.numel()
             # a head's block of a projection; heads sharing a KV group share their k/v block,
             # and distinct blocks never overlap, so the union is the disjoint union of blocks
@@ -254,15 +287,15 @@ def head_rank_points(
 
     Returns:
         ``{"safety": float[n], "utility": float[n], "pruned": bool[n], "restored": bool[n],
-        "candidate": bool[n], "proj": list[str], "total": int}`` with at most ``max_points``
+        "candidate": bool[n], "proj": int8[n] (index into ``ATTN_PROJS``), "total": int}`` with
+        at most ``max_points``
         weights drawn at random (reproducibly) from the head's slices of all four projections.
     """
     a = loaded.adapter
     layer, h = head
     parts: dict[str, list[torch.Tensor]] = {
-        k: [] for k in ("safety", "utility", "pruned", "candidate")
+        k: [] for k in ("safety", "utility", "pruned", "candidate", "proj")
     }
-    projs: list[str] = []
     for proj in ATTN_PROJS:
         name = a.linear_name(layer, proj)
         rank_s, rank_u = ranks.get(name)
@@ -271,9 +304,9 @@ def head_rank_points(
         rs, ru = rank_s[rows, cols].reshape(-1), rank_u[rows, cols].reshape(-1)
         parts["safety"].append(rs.double() / n)
         parts["utility"].append(ru.double() / n)
-        parts["pruned"].append(masks[name].unpack(rank_s.device)[rows, cols].reshape(-1))
+        parts["pruned"].append(ranks.pruned(name, masks[name])[rows, cols].reshape(-1))
         parts["candidate"].append(candidates(rs, ru, cfg.p, cfg.q, cfg.max_p, numel=n))
-        projs += [proj] * rs.numel()
+        parts["proj"].append(torch.full((rs.numel(),), ATTN_PROJS.index(proj), dtype=torch.int8))
     out = {k: torch.cat(v) for k, v in parts.items()}
     total = out["safety"].numel()
     keep = torch.arange(total)
@@ -282,6 +315,5 @@ def head_rank_points(
         keep = torch.randperm(total, generator=g)[:max_points].sort().values
     res = {k: v[keep].cpu() for k, v in out.items()}
     res["restored"] = res["candidate"] & res["pruned"]
-    res["proj"] = [projs[i] for i in keep.tolist()]
     res["total"] = total
     return res

@@ -124,7 +124,8 @@ def test_head_rank_points(tiny_llama):
     pts = head_rank_points(tiny_llama, masks, ranks, head, cfg)
     a = tiny_llama.adapter
     per_head = a.head_dim * a.hidden_size * 4
-    assert pts["total"] == per_head and len(pts["proj"]) == per_head
+    assert pts["total"] == per_head and pts["proj"].shape == (per_head,)
+    assert pts["proj"].unique().tolist() == [0, 1, 2, 3]
     assert int(pts["restored"].sum()) == sum(rs.per_head[f"{head[0]}-{head[1]}"].values())
     assert ((pts["safety"] >= 0) & (pts["safety"] < 1)).all()
     small = head_rank_points(tiny_llama, masks, ranks, head, cfg, max_points=100)

@@ -19,12 +19,13 @@ from __future__ import annotations
 import gc
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hsr_core.config import ModelSpec, RealignConfig, ShipsConfig, WandaConfig, fingerprint
+from hsr_core.realign import KEEP_MASKS_MAX_WEIGHTS
 
 if TYPE_CHECKING:
     import torch
@@ -38,11 +39,11 @@ if TYPE_CHECKING:
     from hsr_core.wanda import Masks
 
 
-LIVE_CACHE_MAX_WEIGHTS = 64_000_000
-"""Models with at most this many attention weights (SmolLM2-135M: 26.5 M) keep every rank and
-unpacked mask of their attention projections in memory (9 bytes a weight), so that every slider
-move of the Realign tab is fast; bigger models rank the layers of the selected heads on first
-use and unpack masks on every move."""
+LIVE_CACHE_MAX_WEIGHTS = KEEP_MASKS_MAX_WEIGHTS
+"""Models with at most this many attention weights (SmolLM2-135M: 26.5 M) rank every attention
+projection right after pruning and keep the unpacked masks (``hsr_core.realign.RankCache``), so
+every slider move of the Realign tab is fast; bigger models rank the layers of the selected
+heads on first use and unpack masks on every move."""
 
 
 class SessionError(RuntimeError):
@@ -104,67 +105,11 @@ class Session:
     head: str | None = None
 
 
-class _UnpackedMask:
-    """A ``PackedMask`` whose boolean form is kept after the first ``unpack``."""
-
-    def __init__(self, packed: Any) -> None:
-        self.packed = packed
-        self.shape = packed.shape
-        self.count = packed.count
-        self.numel = packed.numel
-        self._unpacked: dict[str, torch.Tensor] = {}
-
-    def unpack(self, device: Any = None) -> torch.Tensor:
-        key = str(device)
-        if key not in self._unpacked:
-            self._unpacked[key] = self.packed.unpack(device)
-        return self._unpacked[key]
-
-
-class LiveMasks(Mapping):
-    """Read-only view of ``Masks`` that unpacks each mask once (1 byte per weight).
-
-    ``restore_set`` and ``head_rank_points`` unpack the masks of the selected heads' attention
-    projections on every call; for the live view they get this view instead, which keeps the
-    unpacked masks of the layers it was asked for.
-    """
-
-    def __init__(self, masks: Masks) -> None:
-        self.masks = masks
-        self._views: dict[str, _UnpackedMask] = {}
-
-    def __getitem__(self, name: str) -> _UnpackedMask:
-        view = self._views.get(name)
-        if view is None:
-            view = self._views[name] = _UnpackedMask(self.masks[name])
-        return view
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.masks)
-
-    def __len__(self) -> int:
-        return len(self.masks)
-
-
 def check_architecture(path: Path, spec: ModelSpec) -> None:
-    """Raise ``ArchitectureError`` when HSR cannot map the model's heads, without loading it.
+    """Refuse a model HSR cannot map before the process releases the model it has."""
+    from hsr_core.models import check_supported
 
-    The model is built from its config on the ``meta`` device (no weights, no memory), so a
-    model HSR does not support is refused before the process releases the model it has.
-    """
-    import torch
-    from transformers import AutoConfig
-
-    from hsr_core.models import ArchitectureError, _auto_class, build_adapter
-
-    try:
-        config = AutoConfig.from_pretrained(path, trust_remote_code=spec.trust_remote_code)
-    except ValueError as e:
-        raise ArchitectureError(f"transformers cannot read {path}/config.json: {e}") from e
-    auto_cls, _ = _auto_class(config)
-    with torch.device("meta"):
-        model = auto_cls.from_config(config, trust_remote_code=spec.trust_remote_code)
-    build_adapter(model)
+    check_supported(path, trust_remote_code=spec.trust_remote_code)
 
 
 def model_key(spec: ModelSpec) -> str:
@@ -215,7 +160,6 @@ class Workbench:
         self._norms: _Lru = _Lru(4)
         self._ranks: _Lru = _Lru(2)
         self._stops: dict[str, threading.Event] = {}
-        self._live: LiveMasks | None = None
 
     @property
     def cache(self) -> ResultCache:
@@ -258,7 +202,6 @@ class Workbench:
             self.loaded = self.variants = self.model_key = None
             self._norms.clear()
             self._ranks.clear()
-            self._live = None
             gc.collect()
             import torch
 
@@ -350,14 +293,8 @@ class Workbench:
         return sum(m.weight.numel() for *_, m in a.iter_linears(attention_only=True))
 
     def live_masks(self, session: Session) -> Masks:
-        """The session's masks for the live view: unpacked once when the model is small
-        (``LIVE_CACHE_MAX_WEIGHTS``), else as they are."""
-        with self.lock:
-            if self.attention_weights() > LIVE_CACHE_MAX_WEIGHTS:
-                return session.masks
-            if self._live is None or self._live.masks is not session.masks:
-                self._live = LiveMasks(session.masks)
-            return self._live
+        """The session's masks for the live view (the rank cache keeps them unpacked)."""
+        return session.masks
 
     # -- stopping -------------------------------------------------------------------------
 
