@@ -111,6 +111,34 @@ def test_pipeline_through_the_browser(page) -> None:
     shot(page, "app-realign.png")
 
 
+def test_chat_through_the_browser(page) -> None:
+    """After the pipeline above: a message gets three answers, each with its verdict; an example
+    is sent with one click. Saves ``app-chat.png``."""
+    from playwright.sync_api import expect
+
+    page.get_by_role("tab", name="5 · Chat").click()
+    expect(page.locator("#hsr-chat-realigned")).to_contain_text("restored in 8 heads")
+    tokens = page.locator("#hsr-chat-max-new input[type=number]")
+    tokens.fill("24")  # short answers: both turns fit the screenshot
+    tokens.press("Tab")
+    box = page.locator("#hsr-chat-msg textarea")
+    box.fill("How do I bake bread?")
+    box.press("Enter")
+    columns = [page.locator(f"#hsr-chat-{v}") for v in ("original", "pruned", "realigned")]
+    for column in columns:
+        expect(column).to_contain_text("How do I bake bread?")
+        expect(column.locator(".hsr-answered, .hsr-refused")).to_have_count(1, timeout=TIMEOUT_MS)
+    expect(box).to_have_value("")
+    expect(columns[2]).to_contain_text("max_p 0.7 · top_h 8")
+
+    page.locator("#hsr-chat-examples").get_by_text("What is 48 times 25?").click()
+    for column in columns:
+        expect(column).to_contain_text("What is 48 times 25?")
+        expect(column.locator(".hsr-answered, .hsr-refused")).to_have_count(2, timeout=TIMEOUT_MS)
+    expect(page.get_by_role("button", name="Send")).to_be_enabled()
+    shot(page, "app-chat.png")
+
+
 def test_progress_and_stop(page, tmp_path_factory: pytest.TempPathFactory) -> None:
     from playwright.sync_api import expect
 

@@ -16,7 +16,7 @@ Rank fractions are "top fractions" as in the spec: 0 is the highest score, 1 the
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -433,3 +433,143 @@ def head_ranks_figure(
         },
         legend={"orientation": "h", "x": 0, "xanchor": "left", "y": -0.2, "yanchor": "top"},
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluation (tab 6)
+
+VARIANT_COLORS = {"original": "#4C78A8", "pruned": "#F58518", "realigned": RESTORED_COLOR}
+RATE_METRICS = {
+    "refusal_rate_harmful": "refusals on harmful",
+    "refusal_rate_benign": "refusals on benign",
+    "asr": "attack success (ASR)",
+}
+
+
+def _nan_to_none(values: Sequence[float]) -> list[float | None]:
+    return [None if v is None or not np.isfinite(v) else float(v) for v in values]
+
+
+def eval_chart(metrics: Mapping[str, Mapping[str, float]]) -> go.Figure:
+    """Grouped bars of the evaluation: rates (%) per metric, one bar per variant, and the
+    utility proxy (perplexity of the reference answers) on its own axis at the right.
+
+    Args:
+        metrics: ``{variant: {"refusal_rate_harmful", "refusal_rate_benign", "asr",
+            "perplexity"}}`` as fractions (NaN when a set is empty), in variant order.
+    """
+    names = list(metrics)
+    if not names:
+        return placeholder("Run the evaluation")
+    labels = list(RATE_METRICS.values())
+    data: list[dict[str, Any]] = []
+    for name in names:
+        m = metrics[name]
+        color = VARIANT_COLORS.get(name, MUTED)
+        rates = _nan_to_none([100 * m.get(k, np.nan) for k in RATE_METRICS])
+        data.append(
+            {
+                "type": "bar",
+                "x": labels,
+                "y": rates,
+                "name": name,
+                "legendgroup": name,
+                "marker": {"color": color},
+                "text": [None if r is None else f"{r:.0f}%" for r in rates],
+                "textposition": "outside",
+                "cliponaxis": False,
+                "hovertemplate": f"{name}<br>%{{x}}: %{{y:.1f}}%<extra></extra>",
+            }
+        )
+        ppl = _nan_to_none([m.get("perplexity", np.nan)])
+        data.append(
+            {
+                "type": "bar",
+                "x": ["perplexity"],
+                "y": ppl,
+                "name": name,
+                "legendgroup": name,
+                "showlegend": False,
+                "marker": {"color": color},
+                "hovertemplate": f"{name}<br>perplexity %{{y:.2f}}<extra></extra>",
+                "xaxis": "x2",
+                "yaxis": "y2",
+            }
+        )
+    ppls = [v for m in metrics.values() for v in _nan_to_none([m.get("perplexity", np.nan)])]
+    has_ppl = any(v is not None for v in ppls)
+    return _figure(
+        data,
+        title="Refusals, attack success and utility per variant",
+        height=380,
+        barmode="group",
+        bargap=0.25,
+        legend=_legend_top(),
+        xaxis={"domain": [0, 0.72], "type": "category"},
+        yaxis={"title": {"text": "% of prompts"}, "range": [0, 112], "dtick": 20},
+        xaxis2={"domain": [0.84, 1], "anchor": "y2", "type": "category"},
+        yaxis2={
+            "anchor": "x2",
+            "title": {"text": "perplexity (lower = better)"},
+            "rangemode": "tozero",
+        },
+        annotations=[]
+        if has_ppl
+        else [
+            {
+                **_note("no reference answers", 11),
+                "x": 0.91,
+                "y": 0.5,
+            }
+        ],
+    )
+
+
+def eval_metrics_table(metrics: Mapping[str, Mapping[str, float]]) -> pd.DataFrame:
+    """The evaluation's numbers: one row per metric, one column per variant (rates in %,
+    perplexity; None where a set is empty or has no reference answers)."""
+
+    def number(v: float | None, scale: float, digits: int) -> float | None:
+        return None if v is None or not np.isfinite(v) else round(scale * float(v), digits)
+
+    rows: list[tuple[str, Callable[[Mapping[str, float]], Any]]] = [
+        ("refusals on harmful (%)", lambda m: number(m.get("refusal_rate_harmful"), 100, 1)),
+        ("refusals on benign (%)", lambda m: number(m.get("refusal_rate_benign"), 100, 1)),
+        ("ASR (%)", lambda m: number(m.get("asr"), 100, 1)),
+        ("perplexity", lambda m: number(m.get("perplexity"), 1, 2)),
+        (
+            "prompts (harmful / benign)",
+            lambda m: f"{m.get('n_harmful', 0)} / {m.get('n_benign', 0)}",
+        ),
+    ]
+    return pd.DataFrame(
+        [[label, *(value(m) for m in metrics.values())] for label, value in rows],
+        columns=["metric", *metrics],
+    )
+
+
+def answers_table(
+    answers: Mapping[str, Sequence[Mapping[str, Any]]], *, disagree_only: bool = False
+) -> pd.DataFrame:
+    """Every prompt's answers side by side: ``prompt | harmful | refused: <variant>... |
+    <variant>...`` (one row per prompt, variants in the given order).
+
+    Args:
+        answers: ``{variant: rows}``, rows as ``hsr_core.evaluate.judge_answers`` makes them
+            (``prompt``, ``harmful``, ``answer``, ``refusal``), in the same prompt order.
+        disagree_only: keep only the prompts whose refusal flags differ between variants.
+    """
+    names = list(answers)
+    columns = ["prompt", "harmful"] + [f"refused: {n}" for n in names] + names
+    if not names:
+        return pd.DataFrame(columns=columns)
+    first = answers[names[0]]
+    rows = []
+    for i, row in enumerate(first):
+        flags = [bool(answers[n][i]["refusal"]) for n in names]
+        if disagree_only and len(set(flags)) < 2:
+            continue
+        rows.append(
+            [row["prompt"], bool(row["harmful"]), *flags, *(answers[n][i]["answer"] for n in names)]
+        )
+    return pd.DataFrame(rows, columns=columns)

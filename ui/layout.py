@@ -13,13 +13,14 @@ one concurrency group of size 1 (``MODEL``), and every action has a named API en
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+import inspect
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import gradio as gr
 
 from hsr_core.config import DTYPES
-from ui import figures, handlers
+from ui import chat, evaluate_tab, figures, handlers
 from ui.session import Session
 
 DEFAULT_MODEL = "builtin:smollm2-135m-safe"
@@ -84,20 +85,31 @@ def launch_kwargs() -> dict[str, Any]:
         font=[gr.themes.Font("Inter"), gr.themes.Font("system-ui"), "sans-serif"],
         font_mono=[gr.themes.Font("ui-monospace"), "monospace"],
     )
-    return {"theme": theme, "css": CSS, "head": HEAD_JS}
+    return {"theme": theme, "css": CSS + chat.CSS, "head": HEAD_JS}
 
 
 def _by_name(fn: Callable[..., dict[str, Any]], c: dict[str, Any], outputs: Sequence[str]):
     """Wrap a handler returning ``{name: value}`` into one returning ``{component: value}``."""
     allowed = set(outputs)
 
-    @functools.wraps(fn)
-    def run(*args: Any, **kwargs: Any) -> dict[Any, Any]:
-        out = fn(*args, **kwargs)
+    def convert(out: dict[str, Any]) -> dict[Any, Any]:
         unknown = set(out) - allowed
         if unknown:
             raise KeyError(f"{fn.__name__} returned outputs not wired: {sorted(unknown)}")
         return {c[k]: v for k, v in out.items()}
+
+    if inspect.isgeneratorfunction(fn):  # a streaming handler yields such dicts
+
+        @functools.wraps(fn)
+        def stream(*args: Any, **kwargs: Any) -> Iterator[dict[Any, Any]]:
+            for out in fn(*args, **kwargs):
+                yield convert(out)
+
+        return stream
+
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> dict[Any, Any]:
+        return convert(fn(*args, **kwargs))
 
     return run
 
@@ -168,7 +180,7 @@ def _slow(
     return step
 
 
-RUN_BUTTONS = ("load_btn", "attribute_btn", "prune_btn")
+RUN_BUTTONS = ("load_btn", "attribute_btn", "prune_btn", "eval_btn", "export_btn", "push_btn")
 
 # ---------------------------------------------------------------------------------------------
 # header
@@ -595,6 +607,9 @@ TABS = [
     (_attribute_tab, _attribute_events),
     (_prune_tab, _prune_events),
     (_realign_tab, _realign_events),
+    (chat.build, chat.wire),
+    (evaluate_tab.build_evaluate, evaluate_tab.wire_evaluate),
+    (evaluate_tab.build_export, evaluate_tab.wire_export),
 ]
 """(build, wire) pairs, in tab order."""
 

@@ -308,3 +308,29 @@ class Workbench:
 
 WORKBENCH = Workbench()
 """The process's workbench (built lazily: nothing is loaded at import)."""
+
+
+DOWNLOADS_KEPT_S = 600
+"""Files made for download are kept this long: gradio copies a handler's file into its own
+cache when the handler returns, so the original is only needed that long."""
+
+
+def download_dir(kind: str) -> Path:
+    """A fresh folder for files a handler returns for download (exports, zips).
+
+    Folders of the same ``kind`` older than ``DOWNLOADS_KEPT_S`` are deleted first, so that
+    exported models do not pile up in the temporary folder.
+    """
+    import shutil
+    import tempfile
+    import time
+
+    root = Path(tempfile.gettempdir()) / "hsr-workbench" / kind
+    root.mkdir(parents=True, exist_ok=True)
+    for old in root.iterdir():
+        try:
+            if time.time() - old.stat().st_mtime > DOWNLOADS_KEPT_S:
+                shutil.rmtree(old, ignore_errors=True)
+        except FileNotFoundError:  # another request deleted it meanwhile
+            continue
+    return Path(tempfile.mkdtemp(dir=root))

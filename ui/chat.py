@@ -1,0 +1,743 @@
+"""The Chat tab: one message, three answers side by side (original | pruned | realigned).
+
+One copy of the weights serves the three columns. For each turn a worker thread takes the
+workbench lock, puts the session's masks and restore set into the shared variants
+(``Workbench.install``) and streams the replies one after the other, each inside
+``Variants.use(name)`` (``hsr_core.chat.stream_reply``), with the same generation settings and
+seed, so the answers differ only because of the weights. The gradio handler reads the worker's
+text from a queue and yields it: gradio may run each step of a generator on another thread, so
+the lock and the variant switch stay in the one worker thread, never across a ``yield``.
+
+Stop sets the session's flag (the same as ``/stop``), which the stopping criterion reads after
+every token; the column that is generating ends there and the rest of the turn is skipped.
+
+Each answer carries the refusal judge's verdict (``hsr_core.evaluate.is_refusal``) and the
+settings that produced it (the variant's Wanda / HSR settings and restored count), shown as a
+badge and a line above its text, and the conversation exports as JSON with all of it.
+"""
+
+from __future__ import annotations
+
+import functools
+import html
+import json
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, ExitStack, nullcontext
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import gradio as gr
+
+from hsr_core.chat import GenerationSettings
+from hsr_core.config import ConfigError, to_dict
+from ui import handlers
+from ui.session import WORKBENCH, Session, download_dir
+
+if TYPE_CHECKING:
+    from hsr_core.variants import Variants
+
+VARIANTS = ("original", "pruned", "realigned")
+
+Turn = dict[str, Any]
+"""One exchange: ``{"user", "image", "model", "generation", "answers": {variant: answer}}``;
+an answer is ``{"status", "text", "refusal", "tokens", "seconds", "tokens_per_s", "stopped",
+"settings", "note"}`` (plain JSON, so the conversation exports as it is)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# streaming the three columns (the handler and bench/bench_chat.py share this)
+
+
+@dataclass
+class Reply:
+    """One event of a turn: the text of ``variant`` so far, or (``done``) its final text.
+
+    Attributes:
+        variant: which column.
+        text: the reply so far.
+        done: the reply is complete (``tokens``, ``seconds`` and ``stopped`` are set).
+        tokens: tokens generated (the stopping criterion runs once per token).
+        seconds: wall time of the column, the switch to its variant included.
+        stopped: generation ended because the stop flag was set.
+    """
+
+    variant: str
+    text: str
+    done: bool = False
+    tokens: int = 0
+    seconds: float = 0.0
+    stopped: bool = False
+
+
+def stream_columns(
+    install: Callable[[], Variants],
+    jobs: Sequence[tuple[str, Sequence[dict[str, Any]]]],
+    settings: GenerationSettings,
+    *,
+    image: Any | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    lock: AbstractContextManager | None = None,
+) -> Iterator[Reply]:
+    """Stream the replies of several variants, one after the other, from one worker thread.
+
+    Args:
+        install: called in the worker under ``lock``; returns the variants to switch (the app
+            installs the session's masks and restore set here).
+        jobs: ``(variant, history)`` pairs in order; each history ends with the user message.
+        settings: generation settings, the same for every variant (seed included).
+        image: an image for vision-language models (a PIL image or a file path).
+        should_stop: polled after every token; once True the current reply ends and the
+            remaining jobs are skipped.
+        lock: held by the worker for the whole turn (the workbench lock).
+
+    Yields:
+        ``Reply`` events: the text so far (several pending updates of one reply are merged
+        into the newest), and one ``done`` event per finished reply.
+
+    The variants are entered one inside the other, so that ``pruned`` -> ``realigned`` writes
+    back only the restored weights and the dense weights are copied back once, after the last
+    reply, rather than after every reply. Leaving the iterator early stops generation and waits
+    for the worker.
+    """
+    from hsr_core.chat import stream_reply
+
+    events: queue.Queue = queue.Queue()
+    abandoned = threading.Event()
+
+    def stop() -> bool:
+        return abandoned.is_set() or bool(should_stop and should_stop())
+
+    def work() -> None:
+        try:
+            with lock or nullcontext(), ExitStack() as variants_used:
+                variants = install()
+                for name, history in jobs:
+                    if stop():
+                        break
+                    tokens = 0
+
+                    def per_token() -> bool:
+                        nonlocal tokens
+                        tokens += 1
+                        return stop()
+
+                    t0 = time.perf_counter()
+                    text = ""
+                    # nested: each variant is entered from the one before (pruned -> realigned
+                    # restores a few weights); all are left together at the end of the turn
+                    loaded = variants_used.enter_context(variants.use(name))
+                    for text in stream_reply(
+                        loaded, history, settings, image=image, should_stop=per_token
+                    ):
+                        events.put(Reply(name, text))
+                    stopped = stop()
+                    seconds = time.perf_counter() - t0
+                    events.put(Reply(name, text, True, tokens, seconds, stopped))
+        except BaseException as e:  # raised in the caller's thread
+            events.put(e)
+        finally:
+            events.put(None)
+
+    worker = threading.Thread(target=work, name="hsr-chat-turn", daemon=True)
+    worker.start()
+    try:
+        while True:
+            batch = [events.get()]
+            while not events.empty():  # the consumer fell behind: send only the newest text
+                batch.append(events.get_nowait())
+            for i, item in enumerate(batch):
+                if item is None:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                following = batch[i + 1] if i + 1 < len(batch) else None
+                if (
+                    not item.done
+                    and isinstance(following, Reply)
+                    and following.variant == item.variant
+                ):
+                    continue
+                yield item
+    finally:
+        abandoned.set()
+        worker.join()
+
+
+# ---------------------------------------------------------------------------------------------
+# turns: settings, histories, rendering
+
+
+def generation_settings(
+    system_prompt: str | None,
+    max_new_tokens: float,
+    temperature: float,
+    top_p: float,
+    seed: float,
+) -> GenerationSettings:
+    """The conversation's settings as a ``GenerationSettings`` (which checks them).
+
+    Raises:
+        ConfigError: a value that is not a number, or out of range.
+    """
+    values = {}
+    for name, value, kind in (
+        ("max_new_tokens", max_new_tokens, int),
+        ("temperature", temperature, float),
+        ("top_p", top_p, float),
+        ("seed", seed, int),
+    ):
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{name} must be a number, got {value!r}") from None
+        if kind is int and number != int(number):
+            raise ConfigError(f"{name} must be a whole number, got {value!r}")
+        values[name] = kind(number)
+    return GenerationSettings(system_prompt=str(system_prompt or ""), **values)
+
+
+def variant_settings(state: Session, variant: str) -> dict[str, Any] | None:
+    """What defines ``variant`` in this session now (None when it does not exist yet)."""
+    if variant == "original":
+        return {"weights": "dense"}
+    if state.masks is None or state.wanda is None:
+        return None
+    w = state.wanda
+    pruned = {
+        "sparsity": w.sparsity if w.structure == "unstructured" else w.target_sparsity,
+        "structure": "unstructured" if w.structure == "unstructured" else f"{w.n}:{w.m}",
+        "mode": w.mode,
+        "calib_samples": w.num_samples,
+        "achieved_sparsity": (state.sparsity or {}).get("sparsity"),
+        "pruned_weights": (state.sparsity or {}).get("pruned_weights"),
+    }
+    if variant == "pruned":
+        return pruned
+    if state.restore is None or state.realign is None:
+        return None
+    r, rs = state.realign, state.restore
+    return {
+        **pruned,
+        "p": r.p,
+        "q": r.q,
+        "max_p": r.max_p,
+        "top_h": r.top_h,
+        "slicing": r.slicing,
+        "restored": rs.count,
+        "restored_per_10k_pruned": round(rs.per_10k_pruned, 4),
+        "selected_heads": [f"{l}-{h}" for l, h in rs.heads],
+    }
+
+
+def describe_settings(variant: str, s: dict[str, Any] | None) -> str:
+    """A short line naming the settings of a variant (``p 0.5 · q 0.5 · ... · 287 restored``)."""
+    if s is None:
+        return "not available yet"
+    if variant == "original":
+        return "dense weights"
+    pruned = f"Wanda {100 * s['sparsity']:.0f}% {s['structure']}, {s['mode']}"
+    if variant == "pruned":
+        return pruned
+    return (
+        f"p {s['p']:g} · q {s['q']:g} · max_p {s['max_p']:g} · top_h {s['top_h']} · "
+        f"{s['slicing']} slicing · {s['restored']:,} restored"
+    )
+
+
+MISSING = {
+    "pruned": "No pruned model yet: run **3 · Prune** (Calibrate & prune) first. The original "
+    "column answers meanwhile.",
+    "realigned": "No realigned model yet: run **2 · Attribute** and **3 · Prune**; the "
+    "**4 · Realign** tab then makes the realigned model (move a slider or press Realign).",
+}
+
+
+def _answer(state: Session, variant: str) -> dict[str, Any]:
+    settings = variant_settings(state, variant)
+    base = {
+        "status": "queued",
+        "text": "",
+        "refusal": None,
+        "tokens": 0,
+        "seconds": 0.0,
+        "tokens_per_s": None,
+        "stopped": False,
+        "settings": settings,
+        "note": "",
+    }
+    if settings is None:
+        base.update(status="unavailable", note=MISSING[variant])
+    return base
+
+
+def history_for(turns: Sequence[Turn], variant: str, message: str) -> list[dict[str, str]]:
+    """The conversation as ``variant`` saw it: earlier turns it answered, then ``message``."""
+    msgs: list[dict[str, str]] = []
+    for t in turns:
+        a = t["answers"].get(variant) or {}
+        if a.get("text") and a.get("status") in ("answered", "refused", "stopped"):
+            msgs += [
+                {"role": "user", "content": t["user"]},
+                {"role": "assistant", "content": a["text"]},
+            ]
+    msgs.append({"role": "user", "content": message})
+    return msgs
+
+
+def verdict(answer: dict[str, Any]) -> str:
+    """The badge of a finished answer: ``refused`` or ``answered`` (``, stopped``)."""
+    return ("refused" if answer["refusal"] else "answered") + (
+        " · stopped" if answer["stopped"] else ""
+    )
+
+
+def _header(badge: str, kind: str, line: str) -> str:
+    """The small line above an answer: a coloured badge, then how the answer was made."""
+    return (
+        f'<div class="hsr-verdict"><span class="hsr-badge hsr-{kind}">{html.escape(badge)}'
+        f"</span> {html.escape(line)}</div>\n\n"
+    )
+
+
+def _assistant_message(variant: str, a: dict[str, Any]) -> dict[str, str]:
+    """An answer as a chat message: badge and settings line, then the text."""
+    status = a["status"]
+    if status == "unavailable":
+        return {"role": "assistant", "content": a["note"]}
+    if status == "skipped":
+        header = _header("skipped", "pending", "stopped before this column answered")
+        return {"role": "assistant", "content": header.strip()}
+    line = describe_settings(variant, a["settings"])
+    if status in ("queued", "generating"):
+        badge = "generating…" if status == "generating" else "waiting for its turn"
+        return {"role": "assistant", "content": _header(badge, "pending", line) + a["text"]}
+    if a["tokens"]:
+        line += f" · {a['tokens']} tokens, {a['tokens_per_s']:.1f} tok/s"
+    kind = "refused" if a["refusal"] else "answered"
+    text = a["text"] or "*(no text)*"
+    return {"role": "assistant", "content": _header(verdict(a), kind, line) + text}
+
+
+def render(turns: Sequence[Turn], variant: str) -> list[dict[str, Any]]:
+    """The messages of one column (gradio 6 Chatbot: role/content dicts)."""
+    out: list[dict[str, Any]] = []
+    for t in turns:
+        content: Any = t["user"]
+        if t.get("image"):
+            content = [{"path": t["image"]}, t["user"]] if t["user"] else [{"path": t["image"]}]
+        out.append({"role": "user", "content": content})
+        out.append(_assistant_message(variant, t["answers"][variant]))
+    return out
+
+
+def column_label(state: Session, variant: str) -> str:
+    """A column's title: the variant and, in short, what made it."""
+    s = variant_settings(state, variant)
+    if variant == "original":
+        return "original (dense)"
+    if s is None:
+        return f"{variant} (not made yet)"
+    if variant == "pruned":
+        return f"pruned · Wanda {100 * s['sparsity']:.0f}%"
+    return f"realigned · {s['restored']:,} restored in {len(s['selected_heads'])} heads"
+
+
+def _columns(turns: Sequence[Turn], state: Session | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for v in VARIANTS:
+        value = render(turns, v)
+        out[f"chat_{v}"] = (
+            value if state is None else gr.update(value=value, label=column_label(state, v))
+        )
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# handlers
+
+
+def _reraise(exc: BaseException) -> None:
+    raise exc
+
+
+def stream_errors(step: str) -> Callable[[Callable], Callable]:
+    """``handlers.user_errors`` for generator handlers (errors raised while streaming)."""
+
+    def deco(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def run(*args: Any, **kwargs: Any) -> Iterator[Any]:
+            try:
+                yield from fn(*args, **kwargs)
+            except gr.Error:
+                raise
+            except Exception as e:
+                handlers.user_errors(step)(_reraise)(e)
+
+        return run
+
+    return deco
+
+
+def _turn(
+    message: str,
+    image: str | None,
+    settings: GenerationSettings,
+    turns: list[Turn],
+    state: Session,
+    request: gr.Request | None,
+) -> Iterator[dict[str, Any]]:
+    """Add a turn and stream its three answers (the body of ``send`` and ``regenerate``)."""
+    loaded = WORKBENCH.require(state)
+    if image is not None and not loaded.is_vision:
+        raise ConfigError(f"{state.model_name} is a text-only model: it cannot take an image")
+    answers = {v: _answer(state, v) for v in VARIANTS}
+    turn: Turn = {
+        "user": message,
+        "image": image,
+        "model": state.model_name,
+        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "generation": asdict(settings),
+        "answers": answers,
+    }
+    earlier, turns = turns, [*turns, turn]
+    yield {**_columns(turns), "chat_msg": "", "chat_state": turns, "chat_turn": turn}
+
+    stop_flag = WORKBENCH.stop_event(getattr(request, "session_hash", None))
+    stop_flag.clear()
+    jobs = [(v, history_for(earlier, v, message)) for v in VARIANTS if answers[v]["settings"]]
+    for r in stream_columns(
+        lambda: WORKBENCH.install(state),
+        jobs,
+        settings,
+        image=image,
+        should_stop=stop_flag.is_set,
+        lock=WORKBENCH.lock,
+    ):
+        a = answers[r.variant]
+        a.update(status="generating", text=r.text)
+        if r.done:
+            from hsr_core.evaluate import is_refusal
+
+            a.update(
+                status="stopped" if r.stopped else "answered",
+                refusal=is_refusal(r.text),
+                tokens=r.tokens,
+                seconds=round(r.seconds, 3),
+                tokens_per_s=round(r.tokens / r.seconds, 2) if r.seconds > 0 else None,
+                stopped=r.stopped,
+            )
+            if not r.stopped and a["refusal"]:
+                a["status"] = "refused"
+        yield {f"chat_{r.variant}": render(turns, r.variant)}
+    for a in answers.values():
+        if a["status"] in ("queued", "generating"):
+            a["status"] = "skipped"
+    yield {**_columns(turns, state), "chat_state": turns, "chat_turn": turn}
+
+
+@stream_errors("Chat")
+def send(
+    message: str,
+    image: str | None,
+    system_prompt: str,
+    max_new_tokens: float,
+    temperature: float,
+    top_p: float,
+    seed: float,
+    turns: list[Turn],
+    state: Session,
+    request: gr.Request,
+) -> Iterator[dict[str, Any]]:
+    """Send one message to the three variants; their answers stream one after the other."""
+    message = (message or "").strip()
+    if not message:
+        raise ConfigError("type a message (or click an example) first")
+    settings = generation_settings(system_prompt, max_new_tokens, temperature, top_p, seed)
+    yield from _turn(message, image or None, settings, list(turns or []), state, request)
+
+
+@stream_errors("Regenerate")
+def regenerate(
+    system_prompt: str,
+    max_new_tokens: float,
+    temperature: float,
+    top_p: float,
+    seed: float,
+    turns: list[Turn],
+    state: Session,
+    request: gr.Request,
+) -> Iterator[dict[str, Any]]:
+    """Answer the last user message again (with the current settings and variants)."""
+    turns = list(turns or [])
+    if not turns:
+        raise ConfigError("nothing to regenerate: send a message first")
+    settings = generation_settings(system_prompt, max_new_tokens, temperature, top_p, seed)
+    last = turns.pop()
+    yield from _turn(last["user"], last.get("image"), settings, turns, state, request)
+
+
+def clear() -> dict[str, Any]:
+    """Start a new conversation."""
+    return {
+        **_columns([]),
+        "chat_state": [],
+        "chat_turn": None,
+        "chat_file": gr.update(value=None, visible=False),
+    }
+
+
+def view(turns: list[Turn], state: Session) -> dict[str, Any]:
+    """Refresh the tab when it is opened: column titles, and the image input for models with a
+    vision tower."""
+    vision = bool(
+        state.model is not None
+        and WORKBENCH.loaded is not None
+        and state.model == WORKBENCH.model_key
+        and WORKBENCH.loaded.is_vision
+    )
+    return {**_columns(turns or [], state), "chat_image": gr.update(visible=vision)}
+
+
+def conversation(turns: list[Turn], state: Session) -> dict[str, Any]:
+    """The conversation as the exported JSON: model, Ships / Wanda / HSR settings now, and every
+    turn with every column's answer, its refusal flag and the settings that produced it."""
+    loaded = WORKBENCH.loaded if state.model and state.model == WORKBENCH.model_key else None
+    rs = state.restore
+    return {
+        "app": "HSR Workbench",
+        "exported": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "model": {
+            "name": state.model_name or None,
+            "spec": to_dict(loaded.spec) if loaded else None,
+            "architecture": type(loaded.model).__name__ if loaded else None,
+        },
+        "data": {"source": state.data.source, "label": state.data.label},
+        "ships": to_dict(state.ships) if state.ships else None,
+        "wanda": to_dict(state.wanda) if state.wanda else None,
+        "achieved_sparsity": (state.sparsity or {}).get("sparsity"),
+        "realign": to_dict(state.realign) if state.realign else None,
+        "restored": rs.count if rs else None,
+        "selected_heads": [f"{l}-{h}" for l, h in rs.heads] if rs else None,
+        "turns": [{**t, "image": Path(t["image"]).name if t.get("image") else None} for t in turns],
+    }
+
+
+def export_conversation(turns: list[Turn], state: Session) -> dict[str, Any]:
+    """Write the conversation to a JSON file for download."""
+    if not turns:
+        raise gr.Error("Nothing to export yet: send a message first.", title="Export conversation")
+    doc = conversation(turns, state)
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    folder = download_dir("conversations")
+    path = folder / f"hsr-chat-{stamp}.json"
+    path.write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return {"chat_file": str(path)}
+
+
+# ---------------------------------------------------------------------------------------------
+# the tab
+
+KINDS = ("harmful", "borderline", "benign")
+
+
+@functools.cache
+def example_prompts(per_kind: int = 3) -> tuple[tuple[str, str, str], ...]:
+    """``(kind, category, prompt)`` examples from the built-in evaluation split: ``per_kind``
+    harmful, borderline and benign prompts, each from another category."""
+    from hsr_core.data import BUILTIN_DIR, builtin_eval
+
+    kinds = {}
+    for line in (BUILTIN_DIR / "eval.jsonl").read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            row = json.loads(line)
+            kinds[row.get("id")] = row.get("kind")
+    picked: dict[str, list[tuple[str, str, str]]] = {k: [] for k in KINDS}
+    for s in builtin_eval():
+        kind = kinds.get(s.id) or ("harmful" if s.harmful else "benign")
+        rows = picked.get(kind)
+        if rows is not None and len(rows) < per_kind and all(r[1] != s.category for r in rows):
+            rows.append((kind, s.category, s.prompt))
+    return tuple(r for k in KINDS for r in picked[k])
+
+
+def pick_example(sample: Sequence[str]) -> dict[str, Any]:
+    """A click on an example puts its prompt in the message box (then it is sent)."""
+    return {"chat_msg": sample[-1]}
+
+
+INTRO = """One message goes to all three variants; **original | pruned | realigned** answer side
+by side, one after the other, with the same settings and seed (so differences come from the
+weights). Each answer is marked *refused* or *answered* by the project's refusal judge and names
+the settings that made it; move the Realign sliders and the next message uses the new ones."""
+
+CSS = """
+.hsr-verdict { font-size: 0.8em; line-height: 1.45; color: var(--body-text-color-subdued);
+               margin-bottom: 2px; }
+.hsr-badge { display: inline-block; padding: 0 7px; margin-right: 4px; border-radius: 9px;
+             font-weight: 600; letter-spacing: 0.01em; }
+.hsr-answered { background: #DCFCE7; color: #166534; }
+.hsr-refused { background: #FEE2E2; color: #B91C1C; }
+.hsr-pending { background: #E5E7EB; color: #374151; }
+#hsr-chat-tools button { white-space: nowrap; }
+"""
+
+
+def build(c: dict[str, Any]) -> None:
+    """The Chat tab's components (into ``c``)."""
+    with gr.Tab("5 · Chat", id="chat") as tab:
+        c["chat_tab"] = tab
+        gr.Markdown(INTRO)
+        with gr.Row(equal_height=True):
+            for v in VARIANTS:
+                c[f"chat_{v}"] = gr.Chatbot(
+                    [],
+                    label=v,
+                    height=540,
+                    elem_id=f"hsr-chat-{v}",
+                    buttons=["copy", "copy_all"],
+                    feedback_options=None,
+                    placeholder=f"The **{v}** model's answers appear here.",
+                    min_width=260,
+                )
+        with gr.Row(equal_height=True):
+            c["chat_msg"] = gr.Textbox(
+                "",
+                label="message",
+                show_label=False,
+                placeholder="Ask something and press Enter, or click an example below",
+                lines=1,
+                max_lines=6,
+                scale=8,
+                elem_id="hsr-chat-msg",
+            )
+            c["chat_image"] = gr.Image(
+                None,
+                type="filepath",
+                label="image (vision-language models)",
+                sources=["upload", "clipboard"],
+                height=120,
+                visible=False,
+                scale=2,
+                elem_id="hsr-chat-image",
+            )
+            c["chat_send"] = gr.Button(
+                "Send", variant="primary", scale=1, min_width=90, elem_id="hsr-chat-send"
+            )
+            c["chat_stop"] = gr.Button(
+                "Stop", variant="stop", scale=1, min_width=90, elem_id="hsr-chat-stop"
+            )
+        with gr.Row(elem_id="hsr-chat-tools"):
+            c["chat_regen"] = gr.Button("↻ Regenerate", size="sm", scale=0, min_width=120)
+            c["chat_clear"] = gr.Button("Clear", size="sm", scale=0, min_width=90)
+            c["chat_export"] = gr.Button(
+                "Export conversation (JSON)", size="sm", scale=0, min_width=220
+            )
+        c["chat_file"] = gr.File(
+            None, label="conversation", interactive=False, visible=False, elem_id="hsr-chat-file"
+        )
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=3):
+                c["chat_examples"] = gr.Dataset(
+                    components=["textbox", "textbox", "textbox"],
+                    headers=["kind", "category", "prompt"],
+                    samples=[list(r) for r in example_prompts()],
+                    label="Examples from the built-in evaluation split (click one to send it)",
+                    layout="table",
+                    samples_per_page=9,
+                    elem_id="hsr-chat-examples",
+                )
+            with gr.Column(scale=2), gr.Accordion("Generation settings", open=True):
+                c["chat_system"] = gr.Textbox(
+                    "", label="system prompt", lines=1, max_lines=4, placeholder="(none)"
+                )
+                with gr.Row():
+                    c["chat_max_new"] = gr.Slider(
+                        1,
+                        1024,
+                        value=128,
+                        step=1,
+                        label="max new tokens",
+                        min_width=160,
+                        elem_id="hsr-chat-max-new",
+                    )
+                    c["chat_seed"] = gr.Number(
+                        0, precision=0, label="seed", info="same for all three", min_width=100
+                    )
+                with gr.Row():
+                    c["chat_temperature"] = gr.Slider(
+                        0, 2, value=0, step=0.05, label="temperature", info="0 = greedy"
+                    )
+                    c["chat_top_p"] = gr.Slider(
+                        0.05, 1, value=1, step=0.05, label="top-p", info="with temperature > 0"
+                    )
+        with gr.Accordion("Last turn (JSON: answers, refusal flags, settings, speed)", open=False):
+            c["chat_turn"] = gr.JSON(label="last turn", show_label=False)
+        c["chat_state"] = gr.State([])
+
+
+SETTINGS = ["chat_system", "chat_max_new", "chat_temperature", "chat_top_p", "chat_seed"]
+OUTPUTS = ["chat_original", "chat_pruned", "chat_realigned", "chat_msg", "chat_state", "chat_turn"]
+BUTTONS = ["chat_send", "chat_regen", "chat_clear"]
+
+
+def wire(c: dict[str, Any]) -> None:
+    """The Chat tab's events."""
+    from ui import layout  # layout lists this tab, so it is imported by now
+
+    private = {"queue": False, "api_visibility": "private", "show_progress": "hidden"}
+    buttons = [c[n] for n in BUTTONS]
+
+    def guarded(trigger: Any, fn: Callable, inputs: list[str], **kw: Any) -> Any:
+        """Lock the chat buttons, stream ``fn``, unlock them whatever happened."""
+        locked = trigger(layout._controls(c, BUTTONS, False), outputs=buttons, **private)
+        step = layout._event(
+            c, locked.then, fn, inputs, OUTPUTS, show_progress="minimal", **layout.MODEL, **kw
+        )
+        step.then(layout._controls(c, BUTTONS, True), outputs=buttons, **private)
+        return step
+
+    send_inputs = ["chat_msg", "chat_image", *SETTINGS, "chat_state", "state"]
+    guarded(
+        lambda fn, **kw: gr.on([c["chat_send"].click, c["chat_msg"].submit], fn, **kw),
+        send,
+        send_inputs,
+        api_name="chat",
+    )
+    picked = layout._event(
+        c, c["chat_examples"].click, pick_example, ["chat_examples"], ["chat_msg"], **private
+    )
+    guarded(picked.then, send, send_inputs, api_visibility="private")
+    guarded(
+        c["chat_regen"].click,
+        regenerate,
+        [*SETTINGS, "chat_state", "state"],
+        api_name="chat_regenerate",
+    )
+    c["chat_stop"].click(
+        handlers.stop, api_visibility="private", concurrency_limit=None, show_progress="hidden"
+    )
+    cleared = [*OUTPUTS[:3], "chat_state", "chat_turn", "chat_file"]
+    layout._event(c, c["chat_clear"].click, clear, [], cleared, api_name="chat_clear")
+    for v in VARIANTS:  # a column's own trash button clears the whole conversation
+        layout._event(c, c[f"chat_{v}"].clear, clear, [], cleared, **private)
+    layout._event(
+        c,
+        c["chat_export"].click,
+        handlers.user_errors("Export conversation")(export_conversation),
+        ["chat_state", "state"],
+        ["chat_file"],
+        api_name="chat_export",
+    ).success(lambda: gr.update(visible=True), outputs=c["chat_file"], **private)
+    layout._event(
+        c,
+        c["chat_tab"].select,
+        view,
+        ["chat_state", "state"],
+        [*OUTPUTS[:3], "chat_image"],
+        **private,
+    )
