@@ -366,22 +366,19 @@ def load_eval(source: str | Path) -> list[Sample]:
     """Evaluation prompts: ``builtin`` or a JSONL of ``{"prompt", "harmful", "image"?}``."""
     if str(source) == "builtin":
         return builtin_eval()
-    samples = load_table(source, {"response": "reference"} if _has_reference(source) else None)
+    path = Path(source).expanduser()
+    if path.exists():
+        # the reference answer (for the perplexity proxy) may be called response or reference
+        rows = [
+            {**r, "response": r.get("response") or r.get("reference")} for r in _read_rows(path)
+        ]
+        samples = rows_to_samples(rows, str(path), base_dir=path.parent)
+    else:
+        samples = load_table(source)
     for i, s in enumerate(samples, start=1):
         if s.harmful is None:
             raise DataError(f"{source}: row {i}: missing 'harmful' (true or false)")
     return samples
-
-
-def _has_reference(source: str | Path) -> bool:
-    path = Path(source)
-    if path.suffix != ".jsonl" or not path.exists():
-        return False
-    first = next((ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()), "{}")
-    try:
-        return "reference" in json.loads(first) and "response" not in json.loads(first)
-    except json.JSONDecodeError:
-        return False
 
 
 def load_calibration(

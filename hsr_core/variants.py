@@ -98,9 +98,14 @@ class Variants:
     Args:
         loaded: the model (dense when this is created).
         scratch: folder for the dense-weights scratch file (default ``<cache>/variants``).
+        keep_unpacked: keep the masks unpacked (1 byte a weight) so that pruning skips the
+            unpacking; the default does so for 4-byte weights (float32), where it costs at
+            most a quarter of the weights, and keeps them packed for 16-bit weights.
     """
 
-    def __init__(self, loaded: LoadedModel, scratch: Path | None = None) -> None:
+    def __init__(
+        self, loaded: LoadedModel, scratch: Path | None = None, keep_unpacked: bool | None = None
+    ) -> None:
         self.loaded = loaded
         self.scratch = scratch
         self.current = "original"
@@ -109,6 +114,10 @@ class Variants:
         self._store: DenseStore | None = None
         self._lock = threading.RLock()
         self._modules = {name: mod for name, _, _, mod in loaded.adapter.iter_linears()}
+        if keep_unpacked is None:
+            keep_unpacked = all(m.weight.element_size() >= 4 for m in self._modules.values())
+        self.keep_unpacked = keep_unpacked
+        self._unpacked: dict[str, torch.Tensor] = {}
 
     # -- state ------------------------------------------------------------------------------
 
@@ -141,6 +150,11 @@ class Variants:
             self.switch("original")
             self.masks = masks
             self.restore = None
+            self._unpacked = {}
+            if masks is not None and self.keep_unpacked:
+                self._unpacked = {
+                    n: m.unpack(self._modules[n].weight.device) for n, m in masks.items()
+                }
             if masks is not None:
                 self._dense()
                 self.switch("pruned" if prev != "original" else "original")
@@ -178,7 +192,10 @@ class Variants:
             elif self.current == "original":
                 self._dense()
                 for name, mod in self._modules.items():
-                    mod.weight.masked_fill_(self.masks[name].unpack(mod.weight.device), 0)
+                    mask = self._unpacked.get(name)
+                    if mask is None:
+                        mask = self.masks[name].unpack(mod.weight.device)
+                    mod.weight.masked_fill_(mask, 0)
                 if variant == "realigned":
                     self._put_back_restored()
             elif variant == "realigned":  # from pruned
@@ -214,3 +231,4 @@ class Variants:
             if self._store is not None:
                 self._store.close()
                 self._store = None
+            self._unpacked = {}

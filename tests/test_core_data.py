@@ -180,3 +180,13 @@ def test_vision_batches_carry_images(tiny_llava):
     inputs, plen, rlen = encode_one(tiny_llava, samples[0])
     image_id = tiny_llava.model.config.image_token_index
     assert int((inputs["input_ids"] == image_id).sum()) > 10  # the image became tokens
+
+
+def test_eval_file_references_in_any_row(tmp_path):
+    path = tmp_path / "eval.jsonl"
+    path.write_text(
+        '{"prompt": "bomb?", "harmful": true}\n'
+        '{"prompt": "boiling point?", "harmful": false, "reference": "100 C at sea level."}\n'
+        '{"prompt": "capital?", "harmful": false, "response": "Paris."}\n'
+    )
+    assert [s.response for s in load_eval(str(path))] == [None, "100 C at sea level.", "Paris."]

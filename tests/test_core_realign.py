@@ -152,11 +152,12 @@ def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_variants_round_trip_bit_exactly(tiny_llama, tmp_path):
+@pytest.mark.parametrize("keep_unpacked", [True, False])
+def test_variants_round_trip_bit_exactly(tiny_llama, tmp_path, keep_unpacked):
     loaded = tiny_llama
     safety, utility, masks, scores = setup(loaded)
     dense = weights(loaded)
-    v = Variants(loaded, scratch=tmp_path)
+    v = Variants(loaded, scratch=tmp_path, keep_unpacked=keep_unpacked)
     v.set_masks(masks)
     rs = restore_set(
         loaded,
