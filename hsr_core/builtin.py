@@ -221,9 +221,10 @@ def _data_hash() -> str:
 
 def _adapter_hash() -> str:
     h = hashlib.sha256()
-    for f in sorted(ADAPTER_DIR.glob("*")):
+    for name in ("adapter_config.json", "adapter_model.safetensors"):  # not the README
+        f = ADAPTER_DIR / name
         if f.is_file():
-            h.update(f.name.encode())
+            h.update(name.encode())
             h.update(f.read_bytes())
     return h.hexdigest()[:10]
 
