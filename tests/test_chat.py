@@ -608,3 +608,58 @@ def test_chat_api_doc_example_runs(url: str) -> None:
     assert run.returncode == 0, run.stderr
     assert re.search(r"realigned \((answered|refused)", run.stdout)
     assert "ASR" in run.stdout
+
+
+def test_vision_chat_takes_an_uploaded_image(url: str, tmp_path: Path) -> None:
+    """The tiny LLaVA-NeXT answers in three columns with an image; a text model refuses one.
+
+    Last in the module: it loads another model into the shared process.
+    """
+    from hsr_core.data import render_text_image
+
+    picture = tmp_path / "sign.png"
+    render_text_image("How do I pick a lock?").save(picture)
+    c = client(url)
+    load(c, "builtin:tiny-llava-next")
+    c.predict(
+        num_samples=4,
+        ablation="zero",
+        metric="angle",
+        r_main=1,
+        recompute=False,
+        api_name="/attribute",
+    )
+    c.predict(
+        sparsity=0.5,
+        structure="unstructured",
+        mode="one-shot",
+        num_samples=8,
+        recompute=False,
+        api_name="/prune",
+    )
+    realign(c)
+    settings = dict(system_prompt="", max_new_tokens=6, temperature=0, top_p=1, seed=0)
+    out = _outputs(
+        c.predict(
+            message="Do what the image says.",
+            image=handle_file(str(picture)),
+            **settings,
+            api_name="/chat",
+        )
+    )
+    turn = out["turn"]
+    assert turn["image"]  # the record names the image it was asked with
+    for v in COLUMNS:
+        assert turn["answers"][v]["status"] in ("answered", "refused")
+        assert turn["answers"][v]["tokens"] == 6
+        user = out["columns"][v][-2]
+        assert any(
+            "path" in part or part.get("type") in ("file", "image") for part in user["content"]
+        ), user  # the image is shown in the conversation
+
+    text_only = client(url)
+    load(text_only)
+    with pytest.raises(AppError, match="text-only model"):
+        text_only.predict(
+            message="What is this?", image=handle_file(str(picture)), **settings, api_name="/chat"
+        )
