@@ -81,12 +81,23 @@ Masks = dict[str, PackedMask]
 class _NormCollector:
     """Forward pre-hooks that accumulate per-input-feature sums of squares over chosen tokens."""
 
+    masked_matmul: bool | None = None
+    """Sum with a 0/1 token weight vector instead of indexing; None: for CUDA tensors."""
+
     def __init__(self, modules: dict[str, nn.Linear]) -> None:
         self.modules = modules
         self.sums: dict[str, torch.Tensor] = {}
         self.tokens = 0
         self.select: torch.Tensor | None = None  # bool [batch, seq]
         self._last: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._w: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def _weights(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """The selection as ``[batch * seq]`` 0/1 weights (1 = counted), cached per batch."""
+        w = self._w
+        if w is None or w[0] is not self.select or w[1].device != device or w[1].dtype != dtype:
+            self._w = (self.select, self.select.reshape(-1).to(device, dtype))
+        return self._w[1]
 
     def hook(self, name: str) -> Callable[..., None]:
         def fn(_mod: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
@@ -94,9 +105,16 @@ class _NormCollector:
             # q/k/v (and gate/up) read the same tensor: compute its statistic once
             if self._last is not None and self._last[0] is x:
                 sq = self._last[1]
+            elif self.masked_matmul or (self.masked_matmul is None and x.is_cuda):
+                # x[sel] would wait for the GPU (the count of selected tokens) in every hook;
+                # a 0/1-weighted sum over all tokens keeps the GPU's queue full
+                w = self._weights(x.device, x.dtype)  # [tokens], 0 or 1: exact in any dtype
+                xs = x.reshape(-1, x.shape[-1]) * w[:, None]  # [tokens, in], x's dtype
+                # float32 accumulation without a float32 copy of the activations
+                sq = torch.linalg.vector_norm(xs, dim=0, dtype=torch.float32).square_()  # [in]
+                self._last = (x, sq)
             else:
-                sel = self.select.to(x.device)
-                xs = x[sel]  # [tokens, in]: a fresh copy, safe to square in place
+                xs = x[self.select.to(x.device)]  # [tokens, in]: a copy, safe to square in place
                 sq = xs.float().square_().sum(dim=0)
                 self._last = (x, sq)
             acc = self.sums.get(name)
@@ -203,12 +221,25 @@ def mask_from_scores(score: torch.Tensor, cfg: WandaConfig) -> torch.Tensor:
         mask = torch.zeros_like(groups, dtype=torch.bool)
         mask.scatter_(-1, order, True)
         return mask.view(out_f, in_f)
-    k = int(in_f * cfg.sparsity)
-    mask = torch.zeros_like(score, dtype=torch.bool)
-    if k:
-        order = torch.sort(score, dim=1, stable=True).indices[:, :k]
-        mask.scatter_(1, order, True)
-    return mask
+    return lowest_k(score, int(in_f * cfg.sparsity))
+
+
+def lowest_k(score: torch.Tensor, k: int) -> torch.Tensor:
+    """Bool mask of the ``k`` lowest entries of every row, ties going to the earlier column.
+
+    The same set a stable per-row sort would give, by selection rather than sorting: the k-th
+    lowest value is the threshold, everything below it is taken, and of the entries equal to
+    it the first ``k - below`` in column order.
+    """
+    if k <= 0:
+        return torch.zeros_like(score, dtype=torch.bool)
+    if k >= score.shape[1]:
+        return torch.ones_like(score, dtype=torch.bool)
+    thr = score.kthvalue(k, dim=1, keepdim=True).values  # [out, 1]
+    mask = score < thr
+    need = k - mask.sum(dim=1, keepdim=True)  # >= 1: ties at the threshold still to take
+    at = score == thr
+    return mask | (at & (at.cumsum(dim=1) <= need))
 
 
 def prune_masks(

@@ -64,6 +64,28 @@ def test_norms_equal_naive(any_tiny, tokens):
         assert torch.allclose(fast[name], slow[name], rtol=1e-4, atol=1e-5), name
 
 
+@pytest.mark.parametrize("tokens", ["response", "all"])
+def test_weighted_sum_path_equals_naive(tiny_llama, tokens, monkeypatch):
+    """The GPU's sync-free statistic (0/1 token weights, a matrix-vector product), on the CPU."""
+    from hsr_core import wanda
+
+    calls = []
+    original = wanda._NormCollector._weights
+
+    def spy(self, device, dtype):
+        calls.append(device)
+        return original(self, device, dtype)
+
+    monkeypatch.setattr(wanda._NormCollector, "masked_matmul", True)
+    monkeypatch.setattr(wanda._NormCollector, "_weights", spy)
+    data = samples(5)
+    fast = wanda_norms(tiny_llama, data, WandaConfig(tokens=tokens, batch_size=3))
+    slow = naive_norms(tiny_llama, data, tokens)
+    assert calls  # the weighted path ran
+    for name in fast:
+        assert torch.allclose(fast[name], slow[name], rtol=1e-4, atol=1e-5), name
+
+
 def test_response_tokens_only_differs_from_all(tiny_llama):
     data = samples(4)
     resp = wanda_norms(tiny_llama, data, WandaConfig(tokens="response"))
@@ -112,6 +134,18 @@ def test_unstructured_mask_equals_per_row_sort(seed):
     norm = torch.rand(24, generator=g) + 0.1
     score = wanda_score(w, norm)
     for s in (0.0, 0.3, 0.5, 0.77):
+        assert torch.equal(
+            mask_from_scores(score, WandaConfig(sparsity=s)), slow_row_mask(score, s)
+        )
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_selection_with_many_ties_equals_per_row_sort(seed):
+    """Scores drawn from a few values: most of each row ties with the threshold."""
+    g = torch.Generator().manual_seed(seed)
+    score = torch.randint(0, 4, (11, 37), generator=g).float()
+    score[3] = 2.0  # a row of one value
+    for s in (0.1, 0.5, 0.73, 0.99):
         assert torch.equal(
             mask_from_scores(score, WandaConfig(sparsity=s)), slow_row_mask(score, s)
         )
