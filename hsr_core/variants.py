@@ -98,9 +98,10 @@ class Variants:
     Args:
         loaded: the model (dense when this is created).
         scratch: folder for the dense-weights scratch file (default ``<cache>/variants``).
-        keep_unpacked: keep the masks unpacked (1 byte a weight) so that pruning skips the
-            unpacking; the default does so for 4-byte weights (float32), where it costs at
-            most a quarter of the weights, and keeps them packed for 16-bit weights.
+        keep_unpacked: keep the masks unpacked (1 byte a weight, as "keep" masks) so that
+            pruning is one multiplication per linear; the default does so for 4-byte weights
+            (float32), where it costs a quarter of the weights, and keeps them packed for
+            16-bit weights.
     """
 
     def __init__(
@@ -117,7 +118,7 @@ class Variants:
         if keep_unpacked is None:
             keep_unpacked = all(m.weight.element_size() >= 4 for m in self._modules.values())
         self.keep_unpacked = keep_unpacked
-        self._unpacked: dict[str, torch.Tensor] = {}
+        self._keep: dict[str, torch.Tensor] = {}  # bool, True = kept (not pruned)
 
     # -- state ------------------------------------------------------------------------------
 
@@ -150,10 +151,11 @@ class Variants:
             self.switch("original")
             self.masks = masks
             self.restore = None
-            self._unpacked = {}
+            self._keep = {}
             if masks is not None and self.keep_unpacked:
-                self._unpacked = {
-                    n: m.unpack(self._modules[n].weight.device) for n, m in masks.items()
+                self._keep = {
+                    n: m.unpack(self._modules[n].weight.device).logical_not_()
+                    for n, m in masks.items()
                 }
             if masks is not None:
                 self._dense()
@@ -192,10 +194,13 @@ class Variants:
             elif self.current == "original":
                 self._dense()
                 for name, mod in self._modules.items():
-                    mask = self._unpacked.get(name)
-                    if mask is None:
-                        mask = self.masks[name].unpack(mod.weight.device)
-                    mod.weight.masked_fill_(mask, 0)
+                    keep = self._keep.get(name)
+                    if keep is not None:
+                        # several times faster than masked_fill_ on a CPU; pruned entries of
+                        # negative weights become -0.0, which equals 0 everywhere it is used
+                        mod.weight.mul_(keep)
+                    else:
+                        mod.weight.masked_fill_(self.masks[name].unpack(mod.weight.device), 0)
                 if variant == "realigned":
                     self._put_back_restored()
             elif variant == "realigned":  # from pruned
@@ -231,4 +236,4 @@ class Variants:
             if self._store is not None:
                 self._store.close()
                 self._store = None
-            self._unpacked = {}
+            self._keep = {}
