@@ -22,6 +22,17 @@ if str(ROOT) not in sys.path:  # ``pytest`` run without ``python -m``
     sys.path.insert(0, str(ROOT))
 
 
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+"""Flags for Debian's Chromium under Playwright (no sandbox in containers, no network chatter)."""
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

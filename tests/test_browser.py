@@ -10,19 +10,11 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest_app import ROOT, running_app, slow_model
+from conftest_app import CHROMIUM_ARGS, ROOT, running_app, slow_model
 
 pytestmark = pytest.mark.browser
 
 CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 SHOTS = ROOT / "docs" / "screenshots"
 TIMEOUT_MS = 120_000
 

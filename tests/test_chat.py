@@ -284,12 +284,11 @@ def realign(c: Client, p: float = 0.5) -> dict:
     return restore
 
 
-@pytest.fixture(scope="module")
-def session(url: str) -> Client:
-    c = client(url)
-    load(c)
+def pipeline(c: Client, name: str = TINY, ships: int = SHIPS_SAMPLES, calib: int = CALIB_SAMPLES):
+    """Load, attribute, prune (50%) and realign (default settings) through the API."""
+    load(c, name)
     c.predict(
-        num_samples=SHIPS_SAMPLES,
+        num_samples=ships,
         ablation="zero",
         metric="angle",
         r_main=1,
@@ -300,11 +299,17 @@ def session(url: str) -> Client:
         sparsity=0.5,
         structure="unstructured",
         mode="one-shot",
-        num_samples=CALIB_SAMPLES,
+        num_samples=calib,
         recompute=False,
         api_name="/prune",
     )
     realign(c)
+
+
+@pytest.fixture(scope="module")
+def session(url: str) -> Client:
+    c = client(url)
+    pipeline(c)
     return c
 
 
@@ -620,24 +625,7 @@ def test_vision_chat_takes_an_uploaded_image(url: str, tmp_path: Path) -> None:
     picture = tmp_path / "sign.png"
     render_text_image("How do I pick a lock?").save(picture)
     c = client(url)
-    load(c, "builtin:tiny-llava-next")
-    c.predict(
-        num_samples=4,
-        ablation="zero",
-        metric="angle",
-        r_main=1,
-        recompute=False,
-        api_name="/attribute",
-    )
-    c.predict(
-        sparsity=0.5,
-        structure="unstructured",
-        mode="one-shot",
-        num_samples=8,
-        recompute=False,
-        api_name="/prune",
-    )
-    realign(c)
+    pipeline(c, "builtin:tiny-llava-next", ships=4, calib=8)
     settings = dict(system_prompt="", max_new_tokens=6, temperature=0, top_p=1, seed=0)
     out = _outputs(
         c.predict(
