@@ -81,8 +81,8 @@ Masks = dict[str, PackedMask]
 class _NormCollector:
     """Forward pre-hooks that accumulate per-input-feature sums of squares over chosen tokens."""
 
-    masked_matmul: bool | None = None
-    """Sum with a 0/1 token weight vector instead of indexing; None: for CUDA tensors."""
+    weighted_sum: bool | None = None
+    """Weight tokens 0/1 instead of indexing the selected ones; None: for CUDA tensors."""
 
     def __init__(self, modules: dict[str, nn.Linear]) -> None:
         self.modules = modules
@@ -105,7 +105,7 @@ class _NormCollector:
             # q/k/v (and gate/up) read the same tensor: compute its statistic once
             if self._last is not None and self._last[0] is x:
                 sq = self._last[1]
-            elif self.masked_matmul or (self.masked_matmul is None and x.is_cuda):
+            elif self.weighted_sum or (self.weighted_sum is None and x.is_cuda):
                 # x[sel] would wait for the GPU (the count of selected tokens) in every hook;
                 # a 0/1-weighted sum over all tokens keeps the GPU's queue full
                 w = self._weights(x.device, x.dtype)  # [tokens], 0 or 1: exact in any dtype

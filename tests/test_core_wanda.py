@@ -76,7 +76,7 @@ def test_weighted_sum_path_equals_naive(tiny_llama, tokens, monkeypatch):
         calls.append(device)
         return original(self, device, dtype)
 
-    monkeypatch.setattr(wanda._NormCollector, "masked_matmul", True)
+    monkeypatch.setattr(wanda._NormCollector, "weighted_sum", True)
     monkeypatch.setattr(wanda._NormCollector, "_weights", spy)
     data = samples(5)
     fast = wanda_norms(tiny_llama, data, WandaConfig(tokens=tokens, batch_size=3))
