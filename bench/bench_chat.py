@@ -29,7 +29,6 @@ of the weights plus the caches. Not a test:
 from __future__ import annotations
 
 import argparse
-import gc
 import sys
 import tempfile
 import threading
@@ -41,15 +40,19 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench_variants import PeakSampler, rss_anon  # noqa: E402
+from bench_variants import (  # noqa: E402
+    PeakSampler,
+    pruning_state,
+    release_freed_memory,
+    rss_anon,
+)
 
 from hsr_core.chat import GenerationSettings, chat_inputs  # noqa: E402
-from hsr_core.config import ModelSpec, RealignConfig, WandaConfig  # noqa: E402
-from hsr_core.data import builtin_calibration, builtin_eval  # noqa: E402
+from hsr_core.config import ModelSpec, RealignConfig  # noqa: E402
+from hsr_core.data import builtin_eval  # noqa: E402
 from hsr_core.models import load_model  # noqa: E402
 from hsr_core.realign import RankCache, restore_set  # noqa: E402
 from hsr_core.variants import Variants  # noqa: E402
-from hsr_core.wanda import prune_masks, wanda_norms  # noqa: E402
 from ui.chat import VARIANTS, stream_columns  # noqa: E402
 
 TOKS_TARGET = 0.6
@@ -137,23 +140,12 @@ def main() -> None:
     texts = prompts(args.prompts)
 
     # masks and a restore set, as the app has them after pruning and realigning
-    calib = builtin_calibration()
-    cfg = WandaConfig(sparsity=0.5, num_samples=args.samples)
-    safety = wanda_norms(loaded, calib.safety[: args.samples], cfg)
-    utility = wanda_norms(loaded, calib.utility[: args.samples], cfg)
-    masks = prune_masks(loaded, utility, cfg)
-    scores = torch.rand(
-        loaded.adapter.num_layers,
-        loaded.adapter.num_heads,
-        generator=torch.Generator().manual_seed(0),
-    )
+    safety, utility, masks, scores = pruning_state(loaded, args.samples)
     ranks = RankCache(loaded, safety, utility)
     top_h = min(10, loaded.adapter.num_layers * loaded.adapter.num_heads)
     rs = restore_set(loaded, masks, scores, RealignConfig(top_h=top_h), ranks)
     del ranks, safety, utility
-    gc.collect()
-
-    gc.collect()
+    release_freed_memory()
     base = rss_anon()
     main_t, thread_t = [0, 0.0], [0, 0.0]
     cols = {v: [0, 0.0] for v in (*VARIANTS, "turn")}

@@ -33,6 +33,28 @@ CHROMIUM_ARGS = [
 """Flags for Debian's Chromium under Playwright (no sandbox in containers, no network chatter)."""
 
 
+def run_api_doc_example(url: str, endpoint: str) -> str:
+    """Run the first ``python`` block of docs/API.md that calls ``endpoint`` against ``url``.
+
+    Returns its standard output; fails the test with its standard error when it fails.
+    """
+    import re
+
+    doc = (ROOT / "docs" / "API.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```python\n(.*?)```", doc, re.S)
+    code = next(b for b in blocks if f'api_name="{endpoint}"' in b)
+    run = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, "HSR_URL": url},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert run.returncode == 0, run.stderr
+    return run.stdout
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -8,17 +8,14 @@ its own ``Client`` (= one browser session) unless it continues the main session'
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest_app import ROOT, running_app, slow_model, unsupported_model
+from conftest_app import run_api_doc_example, running_app, slow_model, unsupported_model
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 
@@ -406,19 +403,9 @@ def test_uploaded_data_with_a_column_mapping_loads(url: str, tmp_path: Path) -> 
 
 
 def test_api_doc_example_runs(url: str) -> None:
-    doc = (ROOT / "docs" / "API.md").read_text(encoding="utf-8")
-    code = re.search(r"```python\n(.*?)```", doc, re.S).group(1)
-    run = subprocess.run(
-        [sys.executable, "-c", code],
-        env={**os.environ, "HSR_URL": url},
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=ROOT,
-    )
-    assert run.returncode == 0, run.stderr
-    assert re.search(r"p=0.3: restored \d+ weights", run.stdout)
-    assert "top heads" in run.stdout
+    out = run_api_doc_example(url, "/realign")
+    assert re.search(r"p=0.3: restored \d+ weights", out)
+    assert "top heads" in out
 
 
 def test_unsupported_architecture_is_explained(

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest_app import ROOT, running_app
+from conftest_app import ROOT, run_api_doc_example, running_app
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 
@@ -599,20 +599,9 @@ def test_export_before_pruning_says_what_to_do(url: str) -> None:
 
 
 def test_chat_api_doc_example_runs(url: str) -> None:
-    doc = (ROOT / "docs" / "API.md").read_text(encoding="utf-8")
-    blocks = re.findall(r"```python\n(.*?)```", doc, re.S)
-    code = next(b for b in blocks if 'api_name="/chat"' in b)
-    run = subprocess.run(
-        [sys.executable, "-c", code],
-        env={**os.environ, "HSR_URL": url},
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=ROOT,
-    )
-    assert run.returncode == 0, run.stderr
-    assert re.search(r"realigned \((answered|refused)", run.stdout)
-    assert "ASR" in run.stdout
+    out = run_api_doc_example(url, "/chat")
+    assert re.search(r"realigned \((answered|refused)", out)
+    assert "ASR" in out
 
 
 def test_vision_chat_takes_an_uploaded_image(url: str, tmp_path: Path) -> None:
