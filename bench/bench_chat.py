@@ -154,6 +154,9 @@ def main() -> None:
         tempfile.TemporaryDirectory(prefix="hsr-bench-chat-") as scratch,
         PeakSampler() as sampler,
     ):
+        # the baseline's memory: weights plus the caches of plain generate, before any variant
+        in_thread(plain_generate, loaded, texts, settings)
+        plain_peak = sampler.peak
         variants = Variants(loaded, scratch=Path(scratch))
         variants.set_masks(masks)
         variants.set_restore(rs)
@@ -170,10 +173,8 @@ def main() -> None:
                             main_t, plain_generate(loaded, [text], settings), strict=True
                         )
                     ]
-                sampler.peak = rss_anon()
                 b = in_thread(plain_generate, loaded, [text], settings)
                 thread_t = [thread_t[0] + b[0], thread_t[1] + b[1]]
-                plain_peak = max(plain_peak, sampler.peak)
                 sampler.peak = rss_anon()
                 for v, (n, sec) in chat_columns(variants, [text], settings).items():
                     cols[v] = [cols[v][0] + n, cols[v][1] + sec]
