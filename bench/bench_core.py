@@ -8,7 +8,10 @@
    Also reported: the replay's achieved matmul throughput against the device's measured
    dense-matmul rate in the same dtype.
 2. Wanda statistics (``wanda_norms``) against plain forward passes over the same batches.
-3. Mask computation (``prune_masks``) for every decoder linear.
+3. Mask computation (``prune_masks``) for every decoder linear, against the Wanda reference's
+   way (a full stable per-row sort, then the first ``k`` indices scattered into a mask), with
+   the time split by stage (score matrix, k-th value selection, comparison and tie check,
+   packing) and ``topk`` timed as an alternative selection.
 
 Usage:
     python bench/bench_core.py --model builtin:tiny-llama
@@ -38,7 +41,14 @@ from hsr_core.data import Batch  # noqa: E402
 from hsr_core.hooks import head_ablation, record_layers  # noqa: E402
 from hsr_core.models import LoadedModel, build_adapter, load_model  # noqa: E402
 from hsr_core.ships import ablated_finals, all_heads  # noqa: E402
-from hsr_core.wanda import _NormCollector, prune_masks  # noqa: E402
+from hsr_core.wanda import (  # noqa: E402
+    PackedMask,
+    _NormCollector,
+    lowest_k,
+    mask_count,
+    prune_masks,
+    wanda_score,
+)
 
 SHAPES = {
     "mini": dict(  # a quick check of the shape: path on any machine
@@ -90,9 +100,10 @@ def build(args) -> LoadedModel:
         from transformers import LlamaConfig, LlamaForCausalLM
 
         dtype = getattr(torch, args.dtype if args.dtype != "auto" else "bfloat16")
-        cfg = LlamaConfig(
-            **SHAPES[args.model.split(":", 1)[1]], max_position_embeddings=max(4096, args.tokens)
-        )
+        shape = dict(SHAPES[args.model.split(":", 1)[1]])
+        if args.layers:
+            shape["num_hidden_layers"] = args.layers
+        cfg = LlamaConfig(**shape, max_position_embeddings=max(4096, args.tokens))
         device = torch.device(
             args.device
             if args.device != "auto"
@@ -226,7 +237,48 @@ def bench_wanda(loaded: LoadedModel, args, device: torch.device) -> dict:
     t_plain = timed(plain, device, repeat=3)
     t_stats = timed(stats, device, repeat=3)
     norms = stats()
-    t_masks = timed(lambda: prune_masks(loaded, norms, WandaConfig(sparsity=0.5)), device, repeat=3)
+    cfg = WandaConfig(sparsity=0.5)
+    t_masks = timed(lambda: prune_masks(loaded, norms, cfg), device, repeat=3)
+    masks = prune_masks(loaded, norms, cfg)
+    linears = [(n, m.weight) for n, _, _, m in a.iter_linears()]
+
+    def reference_sort():  # the Wanda reference: stable sort of each row, scatter the first k
+        out = {}
+        for n, w in linears:
+            score = wanda_score(w, norms[n])
+            idx = torch.sort(score, dim=-1, stable=True).indices[:, : int(w.shape[1] * 0.5)]
+            mask = torch.zeros_like(score, dtype=torch.bool).scatter_(1, idx, True)
+            out[n] = PackedMask.pack(mask, mask_count(mask.shape, cfg))
+        return out
+
+    ref = reference_sort()
+    same = all(torch.equal(ref[n].bits, masks[n].bits) for n, _ in linears)
+    t_ref = timed(reference_sort, device, repeat=3)
+    # stages, each over all linears, with its inputs prepared outside the timed region
+    scores = [wanda_score(w, norms[n]) for n, w in linears]
+    ks = [int(w.shape[1] * 0.5) for _, w in linears]
+    t_score = timed(lambda: [wanda_score(w, norms[n]) for n, w in linears], device, repeat=3)
+    t_kth = timed(
+        lambda: [s.kthvalue(k, dim=1, keepdim=True) for s, k in zip(scores, ks, strict=True)],
+        device,
+        repeat=3,
+    )
+    t_topk = timed(
+        lambda: [
+            s.topk(k, dim=1, largest=False, sorted=False) for s, k in zip(scores, ks, strict=True)
+        ],
+        device,
+        repeat=3,
+    )
+    t_select = timed(
+        lambda: [lowest_k(s, k) for s, k in zip(scores, ks, strict=True)], device, repeat=3
+    )
+    bools = [lowest_k(s, k) for s, k in zip(scores, ks, strict=True)]
+    scores.clear()  # free the score matrices before packing
+    t_pack = timed(
+        lambda: [PackedMask.pack(b, mask_count(b.shape, cfg)) for b in bools], device, repeat=3
+    )
+    bools.clear()
     return {
         "batches": len(batches),
         "batch": args.wanda_batch,
@@ -235,6 +287,16 @@ def bench_wanda(loaded: LoadedModel, args, device: torch.device) -> dict:
         "statistics_s": t_stats,
         "statistics_over_forward": t_stats / t_plain,
         "masks_all_linears_s": t_masks,
+        "masks_reference_sort_s": t_ref,
+        "masks_reference_over_ours": t_ref / t_masks,
+        "masks_equal_reference": same,
+        "mask_stages_s": {
+            "score": t_score,
+            "kthvalue": t_kth,
+            "select_total (kthvalue + compare + ties)": t_select,
+            "pack": t_pack,
+            "topk (alternative selection)": t_topk,
+        },
         "linear_params": a.num_linear_params(),
     }
 
@@ -258,6 +320,9 @@ def main() -> None:
     p.add_argument("--wanda-batches", type=int, default=4)
     p.add_argument("--wanda-batch", type=int, default=4)
     p.add_argument("--skip-ships", action="store_true", help="only the Wanda measures")
+    p.add_argument(
+        "--layers", type=int, default=0, help="shape: models only: this many decoder layers"
+    )
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = p.parse_args()
 
@@ -292,8 +357,10 @@ def main() -> None:
         f"| Wanda statistics, {w['batches']}x{w['batch']} x {w['tokens']} tokens | plain forward {w['plain_forward_s']:.3f} s | {w['statistics_s']:.3f} s | **{w['statistics_over_forward']:.2f}x** the forward |"
     )
     print(
-        f"| Masks for all decoder linears ({w['linear_params'] / 1e6:.1f} M weights) | | {w['masks_all_linears_s']:.3f} s | |"
+        f"| Masks for all decoder linears ({w['linear_params'] / 1e6:.1f} M weights) | reference sort {w['masks_reference_sort_s']:.3f} s | {w['masks_all_linears_s']:.3f} s | **{w['masks_reference_over_ours']:.2f}x faster** |"
     )
+    stages = ", ".join(f"{k} {v:.3f} s" for k, v in w["mask_stages_s"].items())
+    print(f"\nmask stages: {stages}; equal to the reference: {w['masks_equal_reference']}")
     if s:
         print(
             f"\nmax |replay - naive| on {s['naive_measured_heads']} heads: {s['max_abs_diff_vs_naive']:.2e}"

@@ -47,13 +47,16 @@ class PackedMask:
     count: int
 
     @classmethod
-    def pack(cls, mask: torch.Tensor) -> PackedMask:
-        flat = mask.reshape(-1).to(torch.uint8)
+    def pack(cls, mask: torch.Tensor, count: int | None = None) -> PackedMask:
+        """Pack a bool matrix; ``count`` (its True entries), when the caller knows it, saves a
+        pass over the mask and, on a GPU, a wait for it."""
+        flat = mask.reshape(-1)
+        flat = flat.view(torch.uint8) if flat.dtype == torch.bool else flat.to(torch.uint8)
         pad = (-flat.numel()) % 8
         if pad:
             flat = torch.cat([flat, flat.new_zeros(pad)])
         bits = (flat.view(-1, 8) * _BITS.to(flat.device)).sum(dim=1, dtype=torch.uint8)
-        return cls(bits, tuple(mask.shape), int(mask.sum()))
+        return cls(bits, tuple(mask.shape), int(mask.sum()) if count is None else count)
 
     def unpack(self, device: torch.device | str | None = None) -> torch.Tensor:
         bits = self.bits if device is None else self.bits.to(device)
@@ -202,8 +205,12 @@ def _forward_decoder_only(
 
 
 def wanda_score(weight: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
-    """``|W| * norm`` as float32 ``[out, in]``."""
-    return weight.detach().abs().float() * norm.to(weight.device, torch.float32)[None, :]
+    """``|W| * norm`` as float32 ``[out, in]``.
+
+    One product with type promotion (a bf16/fp16 ``|W|`` times a float32 norm is computed in
+    float32, exactly as ``|W|.float() * norm``) rather than a float32 copy of ``|W|`` first.
+    """
+    return torch.mul(weight.detach().abs(), norm.to(weight.device, torch.float32)[None, :])
 
 
 def mask_from_scores(score: torch.Tensor, cfg: WandaConfig) -> torch.Tensor:
@@ -228,18 +235,34 @@ def lowest_k(score: torch.Tensor, k: int) -> torch.Tensor:
     """Bool mask of the ``k`` lowest entries of every row, ties going to the earlier column.
 
     The same set a stable per-row sort would give, by selection rather than sorting: the k-th
-    lowest value is the threshold, everything below it is taken, and of the entries equal to
-    it the first ``k - below`` in column order.
+    lowest value is the threshold and everything at or below it is taken. Only rows where more
+    than one entry equals the threshold took too many; there, of the entries equal to it, the
+    first ``k - below`` in column order are kept. Those rows are rare for real weights (ties
+    need ``|W_ij| * n_j == |W_il| * n_l``), so the common case costs one comparison and one
+    row count after the selection.
     """
     if k <= 0:
         return torch.zeros_like(score, dtype=torch.bool)
     if k >= score.shape[1]:
         return torch.ones_like(score, dtype=torch.bool)
     thr = score.kthvalue(k, dim=1, keepdim=True).values  # [out, 1]
-    mask = score < thr
-    need = k - mask.sum(dim=1, keepdim=True)  # >= 1: ties at the threshold still to take
-    at = score == thr
-    return mask | (at & (at.cumsum(dim=1) <= need))
+    mask = score <= thr
+    over = mask.sum(dim=1) - k  # >= 0: entries equal to the threshold taken beyond the k
+    rows = over.nonzero().squeeze(1)
+    if rows.numel():
+        sub, t = score[rows], thr[rows]
+        at = sub == t
+        keep = at.sum(dim=1, keepdim=True) - over[rows, None]  # ties to take, first in order
+        mask[rows] = (sub < t) | (at & (at.cumsum(dim=1) <= keep))
+    return mask
+
+
+def mask_count(shape: Sequence[int], cfg: WandaConfig) -> int:
+    """How many entries ``mask_from_scores`` prunes in a matrix of this shape (exactly)."""
+    out_f, in_f = shape
+    if cfg.structure == "n:m":
+        return out_f * (in_f // cfg.m) * cfg.n
+    return out_f * min(max(int(in_f * cfg.sparsity), 0), in_f)
 
 
 def prune_masks(
@@ -260,7 +283,9 @@ def prune_masks(
         if name not in utility_norms:
             raise KeyError(f"no utility norms for {name}; were they computed for this model?")
         score = wanda_score(mod.weight, utility_norms[name])
-        masks[name] = PackedMask.pack(mask_from_scores(score, cfg))
+        mask = mask_from_scores(score, cfg)
+        del score  # free the float32 scores before packing (7B: 180 MB per MLP linear)
+        masks[name] = PackedMask.pack(mask, mask_count(mask.shape, cfg))
     return masks
 
 
@@ -331,7 +356,9 @@ def sequential_masks(
             states = [
                 run_layer(a.layers[layer], states[b], kwargs[b][layer]) for b in range(len(states))
             ]
-        masks.update({n: PackedMask.pack(m) for n, m in bool_masks.items()})
+        masks.update(
+            {n: PackedMask.pack(m, mask_count(m.shape, cfg)) for n, m in bool_masks.items()}
+        )
     return masks
 
 

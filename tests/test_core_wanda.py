@@ -10,6 +10,7 @@ from hsr_core.data import builtin_calibration, encode_one
 from hsr_core.hooks import HookSet
 from hsr_core.wanda import (
     PackedMask,
+    mask_count,
     mask_from_scores,
     prune_masks,
     sequential_masks,
@@ -146,9 +147,27 @@ def test_selection_with_many_ties_equals_per_row_sort(seed):
     score = torch.randint(0, 4, (11, 37), generator=g).float()
     score[3] = 2.0  # a row of one value
     for s in (0.1, 0.5, 0.73, 0.99):
-        assert torch.equal(
-            mask_from_scores(score, WandaConfig(sparsity=s)), slow_row_mask(score, s)
-        )
+        cfg = WandaConfig(sparsity=s)
+        mask = mask_from_scores(score, cfg)
+        assert torch.equal(mask, slow_row_mask(score, s))
+        assert int(mask.sum()) == mask_count(score.shape, cfg)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_selection_with_a_few_tied_rows_equals_per_row_sort(seed):
+    """Continuous scores with ties planted at the threshold in some rows only: the rows that
+    need the tie-break are fixed, the others left as the comparison made them."""
+    g = torch.Generator().manual_seed(seed)
+    score = torch.rand(40, 64, generator=g)
+    k = 32
+    for row in (0, 7, 39):
+        thr = score[row].kthvalue(k).values
+        cols = torch.randperm(64, generator=g)[:5]
+        score[row, cols] = thr  # several entries equal to the k-th lowest value
+    cfg = WandaConfig(sparsity=k / 64)
+    mask = mask_from_scores(score, cfg)
+    assert torch.equal(mask, slow_row_mask(score, k / 64))
+    assert int(mask.sum()) == mask_count(score.shape, cfg) == 40 * k
 
 
 @pytest.mark.parametrize("nm", [(2, 4), (4, 8), (1, 4)])
@@ -156,9 +175,21 @@ def test_nm_mask_equals_brute_force(nm):
     n, m = nm
     g = torch.Generator().manual_seed(n * 10 + m)
     score = torch.rand(9, 32, generator=g)
-    mask = mask_from_scores(score, WandaConfig(structure="n:m", n=n, m=m))
+    cfg = WandaConfig(structure="n:m", n=n, m=m)
+    mask = mask_from_scores(score, cfg)
     assert torch.equal(mask, slow_nm_mask(score, n, m))
+    assert int(mask.sum()) == mask_count(score.shape, cfg)
     assert (mask.view(9, -1, m).sum(-1) == n).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_wanda_score_equals_float32_product(dtype):
+    g = torch.Generator().manual_seed(0)
+    w = (torch.randn(17, 33, generator=g) * 0.02).to(dtype)
+    norm = torch.rand(33, generator=g) * 5
+    score = wanda_score(w, norm)
+    assert score.dtype == torch.float32
+    assert torch.equal(score, w.abs().float() * norm[None, :])
 
 
 def test_packed_mask_roundtrip():
@@ -176,6 +207,7 @@ def test_prune_masks_on_model(tiny_llama):
     for name, _, _, mod in tiny_llama.adapter.iter_linears():
         expected = slow_row_mask(wanda_score(mod.weight, norms[name]), 0.5)
         assert torch.equal(masks[name].unpack(), expected), name
+        assert masks[name].count == int(expected.sum()), name
     rep = sparsity_report(tiny_llama, masks)
     assert rep["sparsity"] == 0.5 and set(rep["per_layer"]) == {0, 1}
     assert set(rep["per_module"]) == {
