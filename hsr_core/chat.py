@@ -1,17 +1,19 @@
 """Chat with a model: build chat inputs, and stream a reply token by token with a real stop.
 
-``stream_reply`` runs ``generate`` in a worker thread with a ``TextIteratorStreamer`` and a
-stopping criterion that checks the stop flag after every token, so Stop ends generation at
-once. Leaving the iterator early (a closed connection, an exception) also stops the worker and
-waits for it, so a caller holding ``Variants.use(...)`` around the loop never switches weights
-under a running generation. The same seed is set before each reply, so answers of the three
+``generate_reply`` generates in the calling thread, handing the text so far to a callback
+after every piece, with a stopping criterion that checks the stop flag after every token, so
+Stop ends generation at once. ``stream_reply`` runs it in a worker thread and yields the text;
+leaving its iterator early (a closed connection, an exception) also stops the worker and waits
+for it, so a caller holding ``Variants.use(...)`` around the loop never switches weights under a
+running generation. The same seed is set before each reply, so answers of the three
 variants differ only because of their weights.
 """
 
 from __future__ import annotations
 
+import queue
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -123,6 +125,68 @@ class _StopOnFlag:
         return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
 
 
+class _TextCallback:
+    """A ``generate`` streamer that decodes the new tokens and hands the text so far to a
+    callback, in the generating thread (transformers' ``TextStreamer`` with a callback for
+    ``on_finalized_text``)."""
+
+    def __init__(self, tokenizer: Any, on_text: Callable[[str], None]) -> None:
+        from transformers import TextStreamer
+
+        outer = self
+
+        class Streamer(TextStreamer):
+            def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+                if text:
+                    outer.text += text
+                    on_text(outer.text)
+
+        self.text = ""
+        self.streamer = Streamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+
+
+def generate_reply(
+    loaded: LoadedModel,
+    history: Sequence[dict[str, Any]],
+    settings: GenerationSettings,
+    *,
+    on_text: Callable[[str], None] | None = None,
+    image: Any | None = None,
+    should_stop: StopFlag = None,
+) -> str:
+    """Generate a reply in the calling thread and return its text.
+
+    Args:
+        loaded: the model (in whatever variant is active).
+        history: the conversation, ending with the user's message.
+        settings: generation settings (the seed is set before generating).
+        on_text: called with the text so far after each new piece of text.
+        image: optional image for vision-language models.
+        should_stop: polled after every token; generation ends when it returns True.
+    """
+    from transformers import StoppingCriteriaList
+
+    inputs = {
+        k: v.to(loaded.device)
+        for k, v in chat_inputs(
+            loaded, history, image=image, system_prompt=settings.system_prompt
+        ).items()
+    }
+    tok = loaded.tokenizer
+    out = _TextCallback(tok, on_text or (lambda _t: None))
+    torch.manual_seed(settings.seed)
+    with torch.inference_mode():
+        loaded.model.generate(
+            **inputs,
+            max_new_tokens=settings.max_new_tokens,
+            pad_token_id=tok.pad_token_id,
+            streamer=out.streamer,
+            stopping_criteria=StoppingCriteriaList([_StopOnFlag([should_stop])]),
+            **settings.generate_kwargs(),
+        )
+    return out.text
+
+
 def stream_reply(
     loaded: LoadedModel,
     history: Sequence[dict[str, Any]],
@@ -133,6 +197,10 @@ def stream_reply(
 ) -> Iterator[str]:
     """Stream a reply: yields the text so far after each new piece of text.
 
+    ``generate_reply`` runs in a worker thread; leaving the iterator early stops it and waits
+    for it. (A host that runs all torch work in one thread, like the app, calls
+    ``generate_reply`` there instead: see ``hsr_core.worker``.)
+
     Args:
         loaded: the model (in whatever variant is active).
         history: the conversation, ending with the user's message.
@@ -140,45 +208,30 @@ def stream_reply(
         image: optional image for vision-language models.
         should_stop: polled after every token; generation ends when it returns True.
     """
-    from transformers import StoppingCriteriaList, TextIteratorStreamer
-
-    inputs = {
-        k: v.to(loaded.device)
-        for k, v in chat_inputs(
-            loaded, history, image=image, system_prompt=settings.system_prompt
-        ).items()
-    }
-    tok = loaded.tokenizer
-    streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True, timeout=600)
+    pieces: queue.SimpleQueue = queue.SimpleQueue()
     abandoned = threading.Event()
-    errors: list[BaseException] = []
+    done = object()
+
+    def stop() -> bool:
+        return abandoned.is_set() or bool(should_stop and should_stop())
 
     def work() -> None:
         try:
-            torch.manual_seed(settings.seed)
-            with torch.inference_mode():
-                loaded.model.generate(
-                    **inputs,
-                    max_new_tokens=settings.max_new_tokens,
-                    pad_token_id=tok.pad_token_id,
-                    streamer=streamer,
-                    stopping_criteria=StoppingCriteriaList([_StopOnFlag([should_stop, abandoned])]),
-                    **settings.generate_kwargs(),
-                )
+            generate_reply(
+                loaded, history, settings, on_text=pieces.put, image=image, should_stop=stop
+            )
         except BaseException as e:  # surfaced in the caller's thread below
-            errors.append(e)
-            streamer.end()
+            pieces.put(e)
+        finally:
+            pieces.put(done)
 
     worker = threading.Thread(target=work, daemon=True)
     worker.start()
-    text = ""
     try:
-        for piece in streamer:
-            if piece:
-                text += piece
-                yield text
+        while (item := pieces.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
     finally:
         abandoned.set()
         worker.join()
-    if errors:
-        raise errors[0]

@@ -108,6 +108,28 @@ def test_building_the_demo_loads_no_model() -> None:
     assert WORKBENCH.loaded is None
 
 
+def test_model_events_run_in_the_model_thread() -> None:
+    """Every handler of the model's concurrency group runs in the one model thread, except the
+    streaming chat handlers, which submit their turns there themselves (test_chat)."""
+    import inspect
+
+    from ui.layout import MODEL, build_demo
+    from ui.session import MODEL_THREAD
+
+    demo = build_demo()
+    model_fns = [f for f in demo.fns.values() if f.concurrency_id == MODEL["concurrency_id"]]
+    names = {f.name for f in model_fns}
+    assert {"load_model", "attribute", "prune", "realign", "evaluate"} <= names
+    for f in model_fns:
+        streaming = inspect.isgeneratorfunction(f.fn)
+        assert streaming or getattr(f.fn, "on_model_thread", False), f.name
+    # and a wrapped handler really runs there
+    from ui.layout import _on_model_thread
+
+    ran = _on_model_thread(lambda: threading.get_ident())()
+    assert ran == MODEL_THREAD.ident() != threading.get_ident()
+
+
 def test_column_mapping_and_data_specs() -> None:
     from hsr_core.config import ConfigError
     from ui.handlers import data_spec, parse_columns

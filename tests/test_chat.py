@@ -245,13 +245,44 @@ def test_columns_stream_one_after_the_other_and_stop(tiny_llama) -> None:
     assert done[0].stopped and done[0].tokens < 10
 
     before = set(threading.enumerate())
+    tokens = {"n": 0}
+
+    def count() -> bool:
+        tokens["n"] += 1
+        return False
+
     events = stream_columns(
-        lambda: _Variants(tiny_llama), jobs, GenerationSettings(max_new_tokens=500)
+        lambda: _Variants(tiny_llama),
+        jobs,
+        GenerationSettings(max_new_tokens=500),
+        should_stop=count,
     )
     next(events)
-    events.close()  # e.g. the browser went away: the worker stops and is joined
+    events.close()  # e.g. the browser went away: generation stops and close() waits for it
+    n = tokens["n"]
+    assert n < 50
+    time.sleep(0.3)
+    assert tokens["n"] == n  # nothing generates on after close()
     # no thread started here is still alive (other tests' threads may end meanwhile)
     assert set(threading.enumerate()) <= before
+
+
+def test_turns_run_in_the_model_thread(tiny_llama) -> None:
+    from hsr_core.chat import GenerationSettings
+    from ui.chat import stream_columns
+    from ui.session import MODEL_THREAD
+
+    where = []
+
+    class Recording(_Variants):
+        @contextmanager
+        def use(self, name: str):
+            where.append(threading.get_ident())
+            yield self.loaded
+
+    jobs = [(v, [{"role": "user", "content": "Hi"}]) for v in COLUMNS]
+    list(stream_columns(lambda: Recording(tiny_llama), jobs, GenerationSettings(max_new_tokens=2)))
+    assert where == [MODEL_THREAD.ident()] * 3 and MODEL_THREAD.ident() != threading.get_ident()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,12 +1,13 @@
 """The Chat tab: one message, three answers side by side (original | pruned | realigned).
 
-One copy of the weights serves the three columns. For each turn a worker thread takes the
-workbench lock, puts the session's masks and restore set into the shared variants
-(``Workbench.install``) and streams the replies one after the other, each inside
-``Variants.use(name)`` (``hsr_core.chat.stream_reply``), with the same generation settings and
-seed, so the answers differ only because of the weights. The gradio handler reads the worker's
-text from a queue and yields it: gradio may run each step of a generator on another thread, so
-the lock and the variant switch stay in the one worker thread, never across a ``yield``.
+One copy of the weights serves the three columns. For each turn the app's model thread
+(``ui.session.MODEL_THREAD``, where every model step runs) takes the workbench lock, puts the
+session's masks and restore set into the shared variants (``Workbench.install``) and generates
+the replies one after the other, each inside ``Variants.use(name)``
+(``hsr_core.chat.generate_reply``), with the same generation settings and seed, so the answers
+differ only because of the weights. The gradio handler reads the text from a queue and yields
+it: gradio may run each step of a generator on another thread, so the lock and the variant
+switch stay in the model thread, never across a ``yield``.
 
 Stop sets the session's flag (the same as ``/stop``), which the stopping criterion reads after
 every token; the column that is generating ends there and the rest of the turn is skipped.
@@ -25,6 +26,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import wait
 from contextlib import AbstractContextManager, ExitStack, nullcontext
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -36,7 +38,7 @@ import gradio as gr
 from hsr_core.chat import GenerationSettings
 from hsr_core.config import ConfigError, to_dict
 from ui import handlers
-from ui.session import WORKBENCH, Session, download_dir
+from ui.session import MODEL_THREAD, WORKBENCH, Session, download_dir
 
 if TYPE_CHECKING:
     from hsr_core.variants import Variants
@@ -82,8 +84,9 @@ def stream_columns(
     image: Any | None = None,
     should_stop: Callable[[], bool] | None = None,
     lock: AbstractContextManager | None = None,
+    runner: Any = None,
 ) -> Iterator[Reply]:
-    """Stream the replies of several variants, one after the other, from one worker thread.
+    """Stream the replies of several variants, one after the other, generated in one thread.
 
     Args:
         install: called in the worker under ``lock``; returns the variants to switch (the app
@@ -94,6 +97,8 @@ def stream_columns(
         should_stop: polled after every token; once True the current reply ends and the
             remaining jobs are skipped.
         lock: held by the worker for the whole turn (the workbench lock).
+        runner: what runs the turn: anything with ``submit(fn) -> Future``; by default the
+            app's model thread (``ui.session.MODEL_THREAD``).
 
     Yields:
         ``Reply`` events: the text so far (several pending updates of one reply are merged
@@ -104,13 +109,16 @@ def stream_columns(
     reply, rather than after every reply. Leaving the iterator early stops generation and waits
     for the worker.
     """
-    from hsr_core.chat import stream_reply
+    from hsr_core.chat import generate_reply
 
     events: queue.Queue = queue.Queue()
     abandoned = threading.Event()
 
     def stop() -> bool:
         return abandoned.is_set() or bool(should_stop and should_stop())
+
+    def put_text(name: str, text: str) -> None:
+        events.put(Reply(name, text))
 
     def work() -> None:
         try:
@@ -127,14 +135,17 @@ def stream_columns(
                         return stop()
 
                     t0 = time.perf_counter()
-                    text = ""
                     # nested: each variant is entered from the one before (pruned -> realigned
                     # restores a few weights); all are left together at the end of the turn
                     loaded = variants_used.enter_context(variants.use(name))
-                    for text in stream_reply(
-                        loaded, history, settings, image=image, should_stop=per_token
-                    ):
-                        events.put(Reply(name, text))
+                    text = generate_reply(
+                        loaded,
+                        history,
+                        settings,
+                        on_text=functools.partial(put_text, name),
+                        image=image,
+                        should_stop=per_token,
+                    )
                     stopped = stop()
                     seconds = time.perf_counter() - t0
                     events.put(Reply(name, text, True, tokens, seconds, stopped))
@@ -143,8 +154,7 @@ def stream_columns(
         finally:
             events.put(None)
 
-    worker = threading.Thread(target=work, name="hsr-chat-turn", daemon=True)
-    worker.start()
+    finished = (runner or MODEL_THREAD).submit(work)
     try:
         while True:
             batch = [events.get()]
@@ -165,7 +175,7 @@ def stream_columns(
                 yield item
     finally:
         abandoned.set()
-        worker.join()
+        wait([finished])  # the turn's exceptions already came through the queue
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,7 +7,8 @@ chat or an evaluation tab) is a pair of such functions added to ``TABS``.
 
 Handlers (``ui.handlers``) return dicts keyed by output *names*; ``_by_name`` turns them into
 the dicts keyed by component that gradio expects. Every event that touches the model shares
-one concurrency group of size 1 (``MODEL``), and every action has a named API endpoint.
+one concurrency group of size 1 (``MODEL``) and runs in the model thread
+(``ui.session.MODEL_THREAD``, see ``_on_model_thread``); every action has a named API endpoint.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import gradio as gr
 
 from hsr_core.config import DTYPES
 from ui import chat, evaluate_tab, figures, handlers
-from ui.session import Session
+from ui.session import MODEL_THREAD, Session
 
 DEFAULT_MODEL = "builtin:smollm2-135m-safe"
 MODEL_PRESETS = [
@@ -114,6 +115,26 @@ def _by_name(fn: Callable[..., dict[str, Any]], c: dict[str, Any], outputs: Sequ
     return run
 
 
+def _on_model_thread(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Run a handler of the model's events in the model thread and wait for it there.
+
+    Gradio calls handlers from a pool of persistent threads; torch work spread over several
+    of them slows CPU decoding about 2x (``hsr_core.worker``). Streaming handlers are left as
+    they are: the chat's turns submit their own work to the model thread. On a ZeroGPU Space
+    (``spaces.GPU`` runs the heavy steps in a forked process) handlers run where gradio calls
+    them.
+    """
+    if inspect.isgeneratorfunction(fn) or handlers.spaces is not None:
+        return fn
+
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        return MODEL_THREAD.call(fn, *args, **kwargs)
+
+    run.on_model_thread = True  # copied onto outer wrappers by functools.wraps; tests read it
+    return run
+
+
 def _event(
     c: dict[str, Any],
     trigger: Any,
@@ -122,7 +143,11 @@ def _event(
     outputs: Sequence[str],
     **kw: Any,
 ) -> Any:
-    """Wire ``fn`` to ``trigger`` (an event method or a list of them) by component names."""
+    """Wire ``fn`` to ``trigger`` (an event method or a list of them) by component names.
+
+    Events of the model's concurrency group (``**MODEL``) run in the model thread."""
+    if kw.get("concurrency_id") == MODEL["concurrency_id"]:
+        fn = _on_model_thread(fn)
     args = dict(
         fn=_by_name(fn, c, outputs),
         inputs=[c[n] for n in inputs],
@@ -549,7 +574,7 @@ def _realign_tab(c: dict[str, Any]) -> None:
 def _refresh_realign(c: dict[str, Any]) -> dict[str, Any]:
     """Arguments of a chained event that redraws the Realign tab after a step."""
     return dict(
-        fn=_by_name(handlers.realign_refresh, c, REALIGN_OUTPUTS),
+        fn=_by_name(_on_model_thread(handlers.realign_refresh), c, REALIGN_OUTPUTS),
         inputs=[c[n] for n in REALIGN_INPUTS],
         outputs=[c[n] for n in REALIGN_OUTPUTS],
         api_visibility="private",

@@ -12,6 +12,9 @@ set. It is frozen: a handler builds a new one with ``dataclasses.replace`` and r
 when the step succeeded, so a failing step leaves the earlier results in place. Before a
 session's request uses the weights, ``Workbench.install`` puts that session's masks and restore
 set into the shared ``Variants``.
+
+``MODEL_THREAD`` is the one thread in which all of that model work runs (see
+``hsr_core.worker`` for why one thread).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from hsr_core.config import ModelSpec, RealignConfig, ShipsConfig, WandaConfig, fingerprint
 from hsr_core.realign import KEEP_MASKS_MAX_WEIGHTS
+from hsr_core.worker import ModelThread
 
 if TYPE_CHECKING:
     import torch
@@ -308,6 +312,11 @@ class Workbench:
 
 WORKBENCH = Workbench()
 """The process's workbench (built lazily: nothing is loaded at import)."""
+
+MODEL_THREAD = ModelThread()
+"""The thread every model step of the app runs in (``hsr_core.worker``: one OpenMP team, so
+CPU decoding is not slowed down by the handler pool's threads). ``ui.layout`` sends the
+handlers of the model's events here; the chat's turns submit their generation here."""
 
 
 DOWNLOADS_KEPT_S = 600
