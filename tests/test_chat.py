@@ -267,6 +267,48 @@ def test_columns_stream_one_after_the_other_and_stop(tiny_llama) -> None:
     assert set(threading.enumerate()) <= before
 
 
+def _streamed(tiny_llama, min_interval: float, token_s: float, tokens: int) -> list:
+    from hsr_core.chat import GenerationSettings
+    from ui.chat import stream_columns
+
+    def slow() -> bool:  # the stop check runs once per token: a slower model
+        time.sleep(token_s)
+        return False
+
+    jobs = [("original", [{"role": "user", "content": "Tell me a story."}])]
+    return [
+        (time.monotonic(), r)
+        for r in stream_columns(
+            lambda: _Variants(tiny_llama),
+            jobs,
+            GenerationSettings(max_new_tokens=tokens),
+            should_stop=slow,
+            min_interval=min_interval,
+        )
+    ]
+
+
+def test_streamed_text_is_throttled_but_never_lost(tiny_llama) -> None:
+    every = [r for _, r in _streamed(tiny_llama, 0.0, 0.02, 40)]
+    texts = [r.text for r in every if not r.done]
+    final = every[-1]
+    assert final.done and final.tokens == 40 and len(texts) >= 20
+    assert all(b.startswith(a) for a, b in zip(texts, texts[1:], strict=False))
+
+    # 40 tokens at >= 20 ms: at most one text event per 100 ms, and the same final text
+    timed = _streamed(tiny_llama, 0.1, 0.02, 40)
+    moments = [t for t, r in timed if not r.done]
+    assert len(moments) < len(texts)
+    assert all(b - a >= 0.095 for a, b in zip(moments, moments[1:], strict=False))
+    assert timed[-1][1].done and timed[-1][1].text == final.text
+    assert all(final.text.startswith(r.text) for _, r in timed)
+
+    # tokens slower than the interval: no text is held back (each is sent when it comes)
+    slow = [r.text for _, r in _streamed(tiny_llama, 0.1, 0.15, 8) if not r.done]
+    each = [r.text for _, r in _streamed(tiny_llama, 0.0, 0.15, 8) if not r.done]
+    assert slow == each
+
+
 def test_turns_run_in_the_model_thread(tiny_llama) -> None:
     from hsr_core.chat import GenerationSettings
     from ui.chat import stream_columns

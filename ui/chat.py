@@ -45,6 +45,10 @@ if TYPE_CHECKING:
 
 VARIANTS = ("original", "pruned", "realigned")
 
+STREAM_INTERVAL_S = 0.1
+"""Streamed text goes to the browser at most this often per column (each update re-renders
+and re-sends the column: on a small CPU, sending every token cost decoding speed)."""
+
 Turn = dict[str, Any]
 """One exchange: ``{"user", "image", "model", "generation", "answers": {variant: answer}}``;
 an answer is ``{"status", "text", "refusal", "tokens", "seconds", "tokens_per_s", "stopped",
@@ -85,6 +89,7 @@ def stream_columns(
     should_stop: Callable[[], bool] | None = None,
     lock: AbstractContextManager | None = None,
     runner: Any = None,
+    min_interval: float = 0.0,
 ) -> Iterator[Reply]:
     """Stream the replies of several variants, one after the other, generated in one thread.
 
@@ -99,6 +104,9 @@ def stream_columns(
         lock: held by the worker for the whole turn (the workbench lock).
         runner: what runs the turn: anything with ``submit(fn) -> Future``; by default the
             app's model thread (``ui.session.MODEL_THREAD``).
+        min_interval: at least this many seconds between two events; text that comes sooner
+            is held back (newer text replaces it) and sent when the interval is up, whether or
+            not newer text came (``done`` events go at once).
 
     Yields:
         ``Reply`` events: the text so far (several pending updates of one reply are merged
@@ -155,24 +163,33 @@ def stream_columns(
             events.put(None)
 
     finished = (runner or MODEL_THREAD).submit(work)
+    pending: Reply | None = None  # the newest text not sent yet
+    sent = float("-inf")
     try:
         while True:
-            batch = [events.get()]
+            wait_s = None if pending is None else max(0.0, sent + min_interval - time.monotonic())
+            try:
+                batch = [events.get(timeout=wait_s)]
+            except queue.Empty:  # no new text for a while: send the one held back
+                yield pending
+                pending, sent = None, time.monotonic()
+                continue
             while not events.empty():  # the consumer fell behind: send only the newest text
                 batch.append(events.get_nowait())
-            for i, item in enumerate(batch):
+            for item in batch:
                 if item is None:
                     return
                 if isinstance(item, BaseException):
                     raise item
-                following = batch[i + 1] if i + 1 < len(batch) else None
-                if (
-                    not item.done
-                    and isinstance(following, Reply)
-                    and following.variant == item.variant
-                ):
-                    continue
-                yield item
+                if item.done:  # carries the reply's final text
+                    pending = None
+                    yield item
+                    sent = time.monotonic()
+                else:
+                    pending = item
+            if pending is not None and time.monotonic() - sent >= min_interval:
+                yield pending
+                pending, sent = None, time.monotonic()
     finally:
         abandoned.set()
         wait([finished])  # the turn's exceptions already came through the queue
@@ -427,6 +444,7 @@ def _turn(
         image=image,
         should_stop=stop_flag.is_set,
         lock=WORKBENCH.lock,
+        min_interval=STREAM_INTERVAL_S,
     ):
         a = answers[r.variant]
         a.update(status="generating", text=r.text)
