@@ -15,6 +15,7 @@ and reproducible.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -59,12 +60,20 @@ class PackedMask:
         return cls(bits, tuple(mask.shape), int(mask.sum()) if count is None else count)
 
     def unpack(self, device: torch.device | str | None = None) -> torch.Tensor:
+        """The bool matrix (True where the mask is set), on ``device``."""
+        return self._expand(True, device)
+
+    def unpack_keep(self, device: torch.device | str | None = None) -> torch.Tensor:
+        """The complement (True where the mask is *not* set: the weights a pruning mask
+        keeps), as fast as ``unpack``."""
+        return self._expand(False, device)
+
+    def _expand(self, value: bool, device: torch.device | str | None) -> torch.Tensor:
         bits = self.bits if device is None else self.bits.to(device)
-        flat = (bits[:, None] & _BITS.to(bits.device)) != 0  # [bytes, 8]
-        numel = 1
-        for s in self.shape:
-            numel *= s
-        return flat.reshape(-1)[:numel].view(self.shape)
+        # one gather: each byte picks the 8 bools it stands for, stored as one int64
+        table = _expansion_table(value, bits.device)
+        flat = torch.index_select(table, 0, bits.to(torch.int32)).view(torch.bool)
+        return flat[: self.numel].view(self.shape)
 
     @property
     def numel(self) -> int:
@@ -75,6 +84,16 @@ class PackedMask:
 
 
 Masks = dict[str, PackedMask]
+
+
+@functools.cache
+def _expansion_table(value: bool, device: torch.device) -> torch.Tensor:
+    """``[256]`` int64: entry ``b`` holds the 8 bools of byte ``b`` (bit i -> bool i), each
+    ``value`` where the bit is set; the int64 is only a container for the 8 bytes."""
+    bools = (torch.arange(256, dtype=torch.uint8)[:, None] & _BITS) != 0  # [256, 8]
+    if not value:
+        bools = ~bools
+    return bools.contiguous().view(torch.int64).view(-1).to(device)
 
 
 # ---------------------------------------------------------------------------------------------

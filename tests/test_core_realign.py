@@ -7,9 +7,9 @@ import itertools
 import pytest
 import torch
 
-from hsr_core.config import ConfigError, RealignConfig, WandaConfig
+from hsr_core.config import ConfigError, ModelSpec, RealignConfig, WandaConfig
 from hsr_core.data import builtin_calibration
-from hsr_core.models import ATTN_PROJS
+from hsr_core.models import ATTN_PROJS, load_model
 from hsr_core.realign import RankCache, head_rank_points, restore_set
 from hsr_core.variants import VariantError, Variants
 from hsr_core.wanda import prune_masks, wanda_norms, wanda_score
@@ -152,12 +152,16 @@ def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("keep_unpacked", [True, False])
-def test_variants_round_trip_bit_exactly(tiny_llama, tmp_path, keep_unpacked):
-    loaded = tiny_llama
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_variants_round_trip_bit_exactly(tiny_llama, cache_root, tmp_path, dtype):
+    if dtype == torch.float32:
+        loaded = tiny_llama
+    else:
+        loaded = load_model(ModelSpec("builtin:tiny-llama", dtype="bfloat16"), cache_dir=cache_root)
+        assert loaded.model.dtype == dtype
     safety, utility, masks, scores = setup(loaded)
     dense = weights(loaded)
-    v = Variants(loaded, scratch=tmp_path, keep_unpacked=keep_unpacked)
+    v = Variants(loaded, scratch=tmp_path)
     v.set_masks(masks)
     rs = restore_set(
         loaded,

@@ -198,6 +198,7 @@ def test_packed_mask_roundtrip():
         m = torch.rand(shape, generator=g) > 0.5
         p = PackedMask.pack(m)
         assert torch.equal(p.unpack(), m) and p.count == int(m.sum())
+        assert torch.equal(p.unpack_keep(), ~m)
         assert p.bits.numel() == -(-m.numel() // 8)
 
 
