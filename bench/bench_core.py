@@ -10,8 +10,8 @@
 2. Wanda statistics (``wanda_norms``) against plain forward passes over the same batches.
 3. Mask computation (``prune_masks``) for every decoder linear, against the Wanda reference's
    way (a full stable per-row sort, then the first ``k`` indices scattered into a mask), with
-   the time split by stage (score matrix, k-th value selection, comparison and tie check,
-   packing) and ``topk`` timed as an alternative selection.
+   the time split by stage (score matrix, the k-th value by ``kthvalue`` and by ``topk``, the
+   whole selection with the comparison and tie check, packing).
 
 Usage:
     python bench/bench_core.py --model builtin:tiny-llama
@@ -292,10 +292,10 @@ def bench_wanda(loaded: LoadedModel, args, device: torch.device) -> dict:
         "masks_equal_reference": same,
         "mask_stages_s": {
             "score": t_score,
-            "kthvalue": t_kth,
-            "select_total (kthvalue + compare + ties)": t_select,
+            "threshold by kthvalue (CPU way)": t_kth,
+            "threshold by topk (GPU way)": t_topk,
+            "select_total (threshold + compare + ties)": t_select,
             "pack": t_pack,
-            "topk (alternative selection)": t_topk,
         },
         "linear_params": a.num_linear_params(),
     }

@@ -264,7 +264,7 @@ def lowest_k(score: torch.Tensor, k: int) -> torch.Tensor:
         return torch.zeros_like(score, dtype=torch.bool)
     if k >= score.shape[1]:
         return torch.ones_like(score, dtype=torch.bool)
-    thr = score.kthvalue(k, dim=1, keepdim=True).values  # [out, 1]
+    thr = kth_smallest(score, k)  # [out, 1]
     mask = score <= thr
     over = mask.sum(dim=1) - k  # >= 0: entries equal to the threshold taken beyond the k
     rows = over.nonzero().squeeze(1)
@@ -274,6 +274,26 @@ def lowest_k(score: torch.Tensor, k: int) -> torch.Tensor:
         keep = at.sum(dim=1, keepdim=True) - over[rows, None]  # ties to take, first in order
         mask[rows] = (sub < t) | (at & (at.cumsum(dim=1) <= keep))
     return mask
+
+
+def kth_smallest(score: torch.Tensor, k: int, *, use_topk: bool | None = None) -> torch.Tensor:
+    """The k-th smallest value of every row, ``[out, 1]`` (ties counted, as ``kthvalue``).
+
+    On a GPU it is the largest of the k smallest values from ``topk``: for matrices like a
+    7B model's (thousands of rows of thousands) PyTorch's CUDA ``topk`` runs a multi-block
+    radix select, 8 bits a pass (``should_use_multiblock`` in ATen's TensorTopK.cu), where
+    ``kthvalue`` runs one block per row, 2 bits a pass (SortingRadixSelect.cuh); the value
+    is the same. On the CPU ``kthvalue`` (a quickselect per row) is as fast as ``topk``.
+    ``bench/bench_core.py`` times both (``mask_stages_s``).
+
+    Args:
+        use_topk: force one way (tests run the GPU way on the CPU); default: by device.
+    """
+    if use_topk is None:
+        use_topk = score.device.type == "cuda"
+    if use_topk:
+        return score.topk(k, dim=1, largest=False, sorted=False).values.amax(dim=1, keepdim=True)
+    return score.kthvalue(k, dim=1, keepdim=True).values
 
 
 def mask_count(shape: Sequence[int], cfg: WandaConfig) -> int:

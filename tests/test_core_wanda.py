@@ -10,6 +10,7 @@ from hsr_core.data import builtin_calibration, encode_one
 from hsr_core.hooks import HookSet
 from hsr_core.wanda import (
     PackedMask,
+    kth_smallest,
     mask_count,
     mask_from_scores,
     prune_masks,
@@ -151,6 +152,25 @@ def test_selection_with_many_ties_equals_per_row_sort(seed):
         mask = mask_from_scores(score, cfg)
         assert torch.equal(mask, slow_row_mask(score, s))
         assert int(mask.sum()) == mask_count(score.shape, cfg)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_gpu_threshold_way_equals_kthvalue(seed):
+    """The GPU way (largest of topk's k smallest) gives kthvalue's value, ties included."""
+    g = torch.Generator().manual_seed(seed)
+    for score in (
+        torch.rand(17, 50, generator=g),
+        torch.randint(0, 5, (9, 40), generator=g).float(),
+    ):
+        n = score.shape[1]
+        for k in (1, 7, 25, n - 1, n):
+            assert torch.equal(
+                kth_smallest(score, k, use_topk=True), kth_smallest(score, k, use_topk=False)
+            )
+            assert torch.equal(
+                kth_smallest(score, k, use_topk=False),
+                score.sort(dim=1).values[:, k - 1 : k],
+            )
 
 
 @pytest.mark.parametrize("seed", [0, 1])
