@@ -18,11 +18,8 @@ to compare versions of the app on the same machine. Not a test:
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import torch
@@ -30,40 +27,22 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
 
 from bench_chat import plain_generate, prompts  # noqa: E402
+from conftest_app import (  # noqa: E402
+    api_attribute,
+    api_load,
+    api_prune,
+    api_realign,
+    running_app,
+)
 
 from hsr_core.chat import GenerationSettings  # noqa: E402
 from hsr_core.config import ModelSpec  # noqa: E402
 from hsr_core.models import load_model  # noqa: E402
 
 VARIANTS = ("original", "pruned", "realigned")
-
-
-def launch(app_dir: Path, cache: Path, port: int, log: Path) -> subprocess.Popen:
-    env = {
-        **os.environ,
-        "HSR_CACHE_DIR": str(cache),
-        "HF_HUB_OFFLINE": "1",
-        "GRADIO_ANALYTICS_ENABLED": "False",
-        "GRADIO_SERVER_NAME": "127.0.0.1",
-        "GRADIO_SERVER_PORT": str(port),
-    }
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "app.py"], cwd=app_dir, env=env, stdout=out, stderr=subprocess.STDOUT
-        )
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"app.py exited:\n{log.read_text()}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2):
-                return proc
-        except OSError:
-            time.sleep(0.5)
-    proc.kill()
-    raise RuntimeError(f"app.py did not answer:\n{log.read_text()}")
 
 
 def main() -> None:
@@ -78,41 +57,24 @@ def main() -> None:
     p.add_argument("--sparsity", type=float, default=0.4)
     p.add_argument("--app-dir", type=Path, default=ROOT)
     p.add_argument("--cache", type=Path, default=None, help="HSR_CACHE_DIR for the app")
-    p.add_argument("--port", type=int, default=7871)
     args = p.parse_args()
 
     from gradio_client import Client
 
     from hsr_core.store import default_cache_dir
 
-    cache = args.cache or default_cache_dir()
-    log = Path(cache) / "bench-app-chat.log"
-    Path(cache).mkdir(parents=True, exist_ok=True)
-    proc = launch(args.app_dir.resolve(), Path(cache), args.port, log)
-    try:
-        c = Client(f"http://127.0.0.1:{args.port}/", verbose=False)
+    cache = Path(args.cache or default_cache_dir())
+    cache.mkdir(parents=True, exist_ok=True)
+    with running_app(cache, app_dir=args.app_dir.resolve()) as url:
+        c = Client(url, verbose=False)
         t0 = time.perf_counter()
-        c.predict(name=args.model, dtype="auto", device="auto", api_name="/load_model")
-        c.predict(
-            num_samples=args.samples,
-            ablation="zero",
-            metric="angle",
-            r_main=1,
-            recompute=False,
-            api_name="/attribute",
-        )
-        c.predict(
-            sparsity=args.sparsity,
-            structure="unstructured",
-            mode="one-shot",
-            num_samples=args.samples,
-            recompute=False,
-            api_name="/prune",
-        )
-        c.predict(p=0.5, q=0.5, max_p=0.7, top_h=10, slicing="head", head=None, api_name="/realign")
+        api_load(c, args.model)
+        api_attribute(c, args.samples)
+        api_prune(c, args.sparsity, num_samples=args.samples)
+        api_realign(c, top_h=10)
         setup_s = time.perf_counter() - t0
 
-        loaded = load_model(ModelSpec(args.model), cache_dir=Path(cache))
+        loaded = load_model(ModelSpec(args.model), cache_dir=cache)
         settings = GenerationSettings(max_new_tokens=args.tokens)
         texts = prompts(args.prompts)
         plain = [0, 0.0]
@@ -140,9 +102,6 @@ def main() -> None:
                 plain = [plain[0] + n, plain[1] + s]
                 for v, a in turn(text).items():
                     cols[v] = [cols[v][0] + a["tokens"], cols[v][1] + a["seconds"]]
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
     reference = plain[0] / plain[1]
     print(

@@ -16,6 +16,7 @@ import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # ``pytest`` run without ``python -m``
@@ -55,6 +56,50 @@ def run_api_doc_example(url: str, endpoint: str) -> str:
     return run.stdout
 
 
+# the app's API, as the tests and bench/bench_app_chat.py drive it
+
+
+def api_load(c: Any, name: str) -> Any:
+    return c.predict(name=name, dtype="auto", device="auto", api_name="/load_model")
+
+
+def api_attribute(c: Any, num_samples: int = 8, *, recompute: bool = False) -> Any:
+    return c.predict(
+        num_samples=num_samples,
+        ablation="zero",
+        metric="angle",
+        r_main=1,
+        recompute=recompute,
+        api_name="/attribute",
+    )
+
+
+def api_prune(
+    c: Any, sparsity: float = 0.5, *, structure: str = "unstructured", num_samples: int = 16
+) -> Any:
+    return c.predict(
+        sparsity=sparsity,
+        structure=structure,
+        mode="one-shot",
+        num_samples=num_samples,
+        recompute=False,
+        api_name="/prune",
+    )
+
+
+REALIGN_OUTPUTS = ["status", "message", "totals", "heatmap", "bars", "head", "head_plot", "restore"]
+
+
+def api_realign(
+    c: Any, p=0.5, q=0.5, max_p=0.7, top_h=8, slicing="head", head=None
+) -> dict[str, Any]:
+    """Outputs of /realign by name."""
+    out = c.predict(
+        p=p, q=q, max_p=max_p, top_h=top_h, slicing=slicing, head=head, api_name="/realign"
+    )
+    return dict(zip(REALIGN_OUTPUTS, out, strict=True))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -62,13 +107,15 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_app(cache_dir: Path, *, timeout: float = 180.0) -> Iterator[str]:
-    """Start ``python app.py``; yield its URL once it answers; stop it afterwards.
+def running_app(
+    cache_dir: Path, *, timeout: float = 180.0, app_dir: Path = ROOT, port: int | None = None
+) -> Iterator[str]:
+    """Start ``python app.py`` (of ``app_dir``); yield its URL once it answers; stop it after.
 
     Raises:
         RuntimeError: with the server's log when it exits or does not answer in time.
     """
-    port = free_port()
+    port = port or free_port()
     log_path = Path(cache_dir) / "server.log"
     env = {
         **os.environ,
@@ -82,7 +129,7 @@ def running_app(cache_dir: Path, *, timeout: float = 180.0) -> Iterator[str]:
     url = f"http://127.0.0.1:{port}/"
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
-            [sys.executable, "app.py"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
+            [sys.executable, "app.py"], cwd=app_dir, env=env, stdout=log, stderr=subprocess.STDOUT
         )
     try:
         deadline = time.monotonic() + timeout

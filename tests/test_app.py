@@ -15,7 +15,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest_app import run_api_doc_example, running_app, slow_model, unsupported_model
+from conftest_app import (
+    api_attribute,
+    api_load,
+    api_prune,
+    api_realign,
+    run_api_doc_example,
+    running_app,
+    slow_model,
+    unsupported_model,
+)
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 
@@ -43,38 +52,18 @@ def client(url: str) -> Client:
 
 
 def load(c: Client, name: str = TINY):
-    return c.predict(name=name, dtype="auto", device="auto", api_name="/load_model")
+    return api_load(c, name)
 
 
 def attribute(c: Client, n: int = 8, *, recompute: bool = False):
-    return c.predict(
-        num_samples=n,
-        ablation="zero",
-        metric="angle",
-        r_main=1,
-        recompute=recompute,
-        api_name="/attribute",
-    )
+    return api_attribute(c, n, recompute=recompute)
 
 
 def prune(c: Client, sparsity: float = 0.5, structure: str = "unstructured"):
-    return c.predict(
-        sparsity=sparsity,
-        structure=structure,
-        mode="one-shot",
-        num_samples=16,
-        recompute=False,
-        api_name="/prune",
-    )
+    return api_prune(c, sparsity, structure=structure)
 
 
-def realign(c: Client, p=0.5, q=0.5, max_p=0.7, top_h=8, slicing="head", head=None) -> dict:
-    """Outputs of /realign by name."""
-    out = c.predict(
-        p=p, q=q, max_p=max_p, top_h=top_h, slicing=slicing, head=head, api_name="/realign"
-    )
-    names = ["status", "message", "totals", "heatmap", "bars", "head", "head_plot", "restore"]
-    return dict(zip(names, out, strict=True))
+realign = api_realign
 
 
 def summary(c: Client) -> dict:

@@ -23,7 +23,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest_app import ROOT, run_api_doc_example, running_app
+from conftest_app import (
+    ROOT,
+    api_attribute,
+    api_load,
+    api_prune,
+    api_realign,
+    run_api_doc_example,
+    running_app,
+)
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 
@@ -348,35 +356,18 @@ def client(url: str) -> Client:
 
 
 def load(c: Client, name: str = TINY):
-    return c.predict(name=name, dtype="auto", device="auto", api_name="/load_model")
+    return api_load(c, name)
 
 
 def realign(c: Client, p: float = 0.5) -> dict:
-    *_, restore = c.predict(
-        p=p, q=0.5, max_p=0.7, top_h=TOP_H, slicing="head", head=None, api_name="/realign"
-    )
-    return restore
+    return api_realign(c, p=p, top_h=TOP_H)["restore"]
 
 
 def pipeline(c: Client, name: str = TINY, ships: int = SHIPS_SAMPLES, calib: int = CALIB_SAMPLES):
     """Load, attribute, prune (50%) and realign (default settings) through the API."""
     load(c, name)
-    c.predict(
-        num_samples=ships,
-        ablation="zero",
-        metric="angle",
-        r_main=1,
-        recompute=False,
-        api_name="/attribute",
-    )
-    c.predict(
-        sparsity=0.5,
-        structure="unstructured",
-        mode="one-shot",
-        num_samples=calib,
-        recompute=False,
-        api_name="/prune",
-    )
+    api_attribute(c, ships)
+    api_prune(c, 0.5, num_samples=calib)
     realign(c)
 
 
