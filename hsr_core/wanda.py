@@ -268,6 +268,11 @@ def lowest_k(score: torch.Tensor, k: int) -> torch.Tensor:
     mask = score <= thr
     over = mask.sum(dim=1) - k  # >= 0: entries equal to the threshold taken beyond the k
     rows = over.nonzero().squeeze(1)
+    if rows.numel() and bool((over[rows] < 0).any()):  # only NaN makes a row take fewer
+        raise ValueError(
+            "Wanda scores are not finite (NaN): a weight or a calibration statistic is inf or "
+            "NaN; load the model in bfloat16 or float32 and check its weights"
+        )
     if rows.numel():
         sub, t = score[rows], thr[rows]
         at = sub == t
@@ -304,6 +309,16 @@ def mask_count(shape: Sequence[int], cfg: WandaConfig) -> int:
     return out_f * min(max(int(in_f * cfg.sparsity), 0), in_f)
 
 
+def check_finite(name: str, norm: torch.Tensor) -> None:
+    """Raise a clear error when a norm vector holds inf or NaN (activations that overflowed,
+    typically float16), instead of masks computed from garbage."""
+    if not bool(torch.isfinite(norm).all()):
+        raise ValueError(
+            f"the Wanda statistics of {name} are not finite (inf or NaN): the calibration "
+            "activations overflowed; load the model in bfloat16 or float32"
+        )
+
+
 def prune_masks(
     loaded: LoadedModel, utility_norms: dict[str, torch.Tensor], cfg: WandaConfig
 ) -> Masks:
@@ -321,6 +336,7 @@ def prune_masks(
     for name, _, _, mod in loaded.adapter.iter_linears():
         if name not in utility_norms:
             raise KeyError(f"no utility norms for {name}; were they computed for this model?")
+        check_finite(name, utility_norms[name])
         score = wanda_score(mod.weight, utility_norms[name])
         mask = mask_from_scores(score, cfg)
         del score  # free the float32 scores before packing (7B: 180 MB per MLP linear)
@@ -388,6 +404,8 @@ def sequential_masks(
                 collector.select, collector._last = selects[b], None
                 run_layer(a.layers[layer], states[b], kwargs[b][layer])
         norms = collector.norms()
+        for n, v in norms.items():
+            check_finite(n, v)
         bool_masks = {
             n: mask_from_scores(wanda_score(m.weight, norms[n]), cfg) for n, m in linears.items()
         }

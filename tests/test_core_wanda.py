@@ -294,3 +294,16 @@ def test_bad_wanda_configs():
         WandaConfig(structure="n:m", n=4, m=4)
     with pytest.raises(ValueError, match="divisible"):
         mask_from_scores(torch.rand(2, 6), WandaConfig(structure="n:m", n=2, m=4))
+
+
+def test_non_finite_statistics_and_scores_are_clear_errors(tiny_llama):
+    norms = wanda_norms(tiny_llama, samples(2), WandaConfig())
+    name = next(iter(norms))
+    broken = {**norms, name: norms[name].clone()}
+    broken[name][3] = float("inf")
+    with pytest.raises(ValueError, match="not finite"):
+        prune_masks(tiny_llama, broken, WandaConfig(sparsity=0.5))
+    score = torch.rand(4, 10)
+    score[1, :8] = float("nan")  # more NaN than the k kept: the row cannot be pruned exactly
+    with pytest.raises(ValueError, match="not finite"):
+        mask_from_scores(score, WandaConfig(sparsity=0.5))
