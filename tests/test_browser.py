@@ -1,5 +1,6 @@
 """The app in a real browser: Playwright drives Debian Chromium through the whole pipeline on
-the built-in tiny Llama, moves a slider, and saves screenshots to ``docs/screenshots/``.
+the built-in tiny Llama, moves a slider, and saves screenshots to ``tests/screenshots/``
+(ignored by git, so running the tests leaves the checkout clean).
 
 Needs ``/usr/bin/chromium`` (``apt-get install chromium``); never downloads a browser.
 """
@@ -15,7 +16,9 @@ from conftest_app import CHROMIUM_ARGS, ROOT, running_app, slow_model
 pytestmark = pytest.mark.browser
 
 CHROMIUM = Path("/usr/bin/chromium")
-SHOTS = ROOT / "docs" / "screenshots"
+SHOTS = ROOT / "tests" / "screenshots"
+"""Where the tests leave their screenshots of the tiny model (ignored by git; the README's are made
+by ``scripts/readme_screenshots.py`` on the default model)."""
 TIMEOUT_MS = 120_000
 
 
