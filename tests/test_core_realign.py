@@ -199,6 +199,29 @@ def test_variants_round_trip_bit_exactly(tiny_llama, cache_root, tmp_path, dtype
     assert not any(tmp_path.iterdir())  # scratch file removed
 
 
+def test_variants_own_their_weights_once_pruning_starts(tiny_llama, tmp_path):
+    """The first switch must not write into the loaded file's memory map page by page: the
+    linears get weights of their own when the dense store is made (same values)."""
+    _, _, masks, _ = setup(tiny_llama)
+    linears = {n: m.weight for n, _, _, m in tiny_llama.adapter.iter_linears()}
+    before = {n: (w.data_ptr(), w.detach().clone()) for n, w in linears.items()}
+    assert not any(w.untyped_storage().resizable() for w in linears.values())  # memory-mapped
+    v = Variants(tiny_llama, scratch=tmp_path)
+    v.set_masks(masks)
+    for n, w in linears.items():
+        ptr, value = before[n]
+        assert w.data_ptr() != ptr and torch.equal(w.detach(), value), n
+        assert w.untyped_storage().resizable()
+        assert w is dict(tiny_llama.model.named_parameters())[n + ".weight"]  # same Parameter
+    v.close()
+    # weights that already have memory of their own are left where they are
+    owned = {n: w.data_ptr() for n, w in linears.items()}
+    v = Variants(tiny_llama, scratch=tmp_path)
+    v.set_masks(masks)
+    assert {n: w.data_ptr() for n, w in linears.items()} == owned
+    v.close()
+
+
 def test_variants_restore_after_exception(tiny_llama, tmp_path):
     loaded = tiny_llama
     _, _, masks, _ = setup(loaded)
