@@ -116,6 +116,7 @@ def running_app(
         RuntimeError: with the server's log when it exits or does not answer in time.
     """
     port = port or free_port()
+    Path(cache_dir).mkdir(parents=True, exist_ok=True)
     log_path = Path(cache_dir) / "server.log"
     env = {
         **os.environ,
