@@ -219,26 +219,46 @@ def bench_wanda(loaded: LoadedModel, args, device: torch.device) -> dict:
             for b in batches:
                 loaded.model(**b.inputs, use_cache=False)
 
-    def stats():
+    def stats(weighted: bool = False):
         from hsr_core.hooks import HookSet
 
         modules = {n: m for n, _, _, m in a.iter_linears()}
         col = _NormCollector(modules)
+        col.weighted_sum = weighted
         with HookSet() as hooks, torch.inference_mode():
             for n, m in modules.items():
                 hooks.pre(m, col.hook(n))
             for b in batches:
-                col.select, col._last = b.response_mask, None
+                col.set_batch(b.response_mask)
                 loaded.model(**b.inputs, use_cache=False)
         return col.norms()
 
     plain()
     stats()
+    stats(weighted=True)
     t_plain = timed(plain, device, repeat=3)
     t_stats = timed(stats, device, repeat=3)
+    t_weighted = timed(lambda: stats(weighted=True), device, repeat=3)
     norms = stats()
+    alt = stats(weighted=True)
+    stats_rel_diff = max(
+        float(((norms[n] - alt[n]).abs() / alt[n].abs().clamp_min(1e-6)).max()) for n in norms
+    )
     cfg = WandaConfig(sparsity=0.5)
     t_masks = timed(lambda: prune_masks(loaded, norms, cfg), device, repeat=3)
+    # the whole of prune_masks with the other k-th value (topk <-> kthvalue), same masks
+    import functools
+
+    from hsr_core import wanda as wanda_mod
+
+    default_topk = device.type == "cuda"
+    kth = wanda_mod.kth_smallest
+    wanda_mod.kth_smallest = functools.partial(kth, use_topk=not default_topk)
+    try:
+        other = prune_masks(loaded, norms, cfg)
+        t_masks_other = timed(lambda: prune_masks(loaded, norms, cfg), device, repeat=3)
+    finally:
+        wanda_mod.kth_smallest = kth
     masks = prune_masks(loaded, norms, cfg)
     linears = [(n, m.weight) for n, _, _, m in a.iter_linears()]
 
@@ -252,7 +272,10 @@ def bench_wanda(loaded: LoadedModel, args, device: torch.device) -> dict:
         return out
 
     ref = reference_sort()
-    same = all(torch.equal(ref[n].bits, masks[n].bits) for n, _ in linears)
+    same = all(
+        torch.equal(ref[n].bits, masks[n].bits) and torch.equal(other[n].bits, masks[n].bits)
+        for n, _ in linears
+    )
     t_ref = timed(reference_sort, device, repeat=3)
     # stages, each over all linears, with its inputs prepared outside the timed region
     scores = [wanda_score(w, norms[n]) for n, w in linears]
@@ -286,7 +309,13 @@ def bench_wanda(loaded: LoadedModel, args, device: torch.device) -> dict:
         "plain_forward_s": t_plain,
         "statistics_s": t_stats,
         "statistics_over_forward": t_stats / t_plain,
+        "statistics_weighted_sum_s": t_weighted,
+        "statistics_weighted_over_forward": t_weighted / t_plain,
+        "statistics_max_rel_diff_gather_vs_weighted": stats_rel_diff,
         "masks_all_linears_s": t_masks,
+        "masks_kth_by": "topk" if default_topk else "kthvalue",
+        "masks_all_linears_other_kth_s": t_masks_other,
+        "masks_other_kth_by": "kthvalue" if default_topk else "topk",
         "masks_reference_sort_s": t_ref,
         "masks_reference_over_ours": t_ref / t_masks,
         "masks_equal_reference": same,
@@ -359,8 +388,17 @@ def main() -> None:
     print(
         f"| Masks for all decoder linears ({w['linear_params'] / 1e6:.1f} M weights) | reference sort {w['masks_reference_sort_s']:.3f} s | {w['masks_all_linears_s']:.3f} s | **{w['masks_reference_over_ours']:.2f}x faster** |"
     )
+    print(
+        f"| Wanda statistics, 0/1-weighted sum instead of gathering the selected tokens | plain forward {w['plain_forward_s']:.3f} s | {w['statistics_weighted_sum_s']:.3f} s | {w['statistics_weighted_over_forward']:.2f}x the forward |"
+    )
+    print(
+        f"| Masks for all decoder linears, k-th value by {w['masks_other_kth_by']} instead of {w['masks_kth_by']} | reference sort {w['masks_reference_sort_s']:.3f} s | {w['masks_all_linears_other_kth_s']:.3f} s | {w['masks_reference_sort_s'] / w['masks_all_linears_other_kth_s']:.2f}x faster |"
+    )
     stages = ", ".join(f"{k} {v:.3f} s" for k, v in w["mask_stages_s"].items())
     print(f"\nmask stages: {stages}; equal to the reference: {w['masks_equal_reference']}")
+    print(
+        f"statistics, gather vs weighted sum: max relative difference {w['statistics_max_rel_diff_gather_vs_weighted']:.1e}"
+    )
     if s:
         print(
             f"\nmax |replay - naive| on {s['naive_measured_heads']} heads: {s['max_abs_diff_vs_naive']:.2e}"

@@ -101,25 +101,35 @@ def _expansion_table(value: bool, device: torch.device) -> torch.Tensor:
 
 
 class _NormCollector:
-    """Forward pre-hooks that accumulate per-input-feature sums of squares over chosen tokens."""
+    """Forward pre-hooks that accumulate per-input-feature sums of squares over chosen tokens.
 
-    weighted_sum: bool | None = None
-    """Weight tokens 0/1 instead of indexing the selected ones; None: for CUDA tensors."""
+    Call :meth:`set_batch` before each forward pass. The selected tokens' flat positions are
+    found once per batch (one host wait, before the forward pass), so the hooks gather just
+    those rows with ``index_select`` and never wait for the GPU; with every token selected
+    they read the activations as they are.
+    """
+
+    weighted_sum: bool = False
+    """Weight tokens 0/1 and sum over all of them instead of gathering the selected ones (no
+    index at all; kept as the alternative ``bench/bench_core.py`` times side by side)."""
 
     def __init__(self, modules: dict[str, nn.Linear]) -> None:
         self.modules = modules
         self.sums: dict[str, torch.Tensor] = {}
-        self.tokens = 0
-        self.select: torch.Tensor | None = None  # bool [batch, seq]
+        self._rows: torch.Tensor | None = None  # flat indices of selected tokens; None: all
+        self._weights: torch.Tensor | None = None  # [batch * seq] 0/1, for weighted_sum
         self._last: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._w: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def _weights(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        """The selection as ``[batch * seq]`` 0/1 weights (1 = counted), cached per batch."""
-        w = self._w
-        if w is None or w[0] is not self.select or w[1].device != device or w[1].dtype != dtype:
-            self._w = (self.select, self.select.reshape(-1).to(device, dtype))
-        return self._w[1]
+    def set_batch(self, select: torch.Tensor) -> bool:
+        """Take the next batch's token selection (bool ``[batch, seq]``); False if it is empty."""
+        flat = select.reshape(-1)
+        self._last = None
+        if self.weighted_sum:
+            self._rows, self._weights = None, flat
+            return bool(flat.any())
+        rows = flat.nonzero().squeeze(1)
+        self._rows = None if rows.numel() == flat.numel() else rows
+        return rows.numel() > 0
 
     def hook(self, name: str) -> Callable[..., None]:
         def fn(_mod: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
@@ -127,17 +137,15 @@ class _NormCollector:
             # q/k/v (and gate/up) read the same tensor: compute its statistic once
             if self._last is not None and self._last[0] is x:
                 sq = self._last[1]
-            elif self.weighted_sum or (self.weighted_sum is None and x.is_cuda):
-                # x[sel] would wait for the GPU (the count of selected tokens) in every hook;
-                # a 0/1-weighted sum over all tokens keeps the GPU's queue full
-                w = self._weights(x.device, x.dtype)  # [tokens], 0 or 1: exact in any dtype
-                xs = x.reshape(-1, x.shape[-1]) * w[:, None]  # [tokens, in], x's dtype
+            else:
+                xs = x.reshape(-1, x.shape[-1])  # [tokens, in]
+                if self._weights is not None:
+                    w = self._weights.to(x.device, x.dtype)  # 0 or 1: exact in any dtype
+                    xs = xs * w[:, None]
+                elif self._rows is not None:
+                    xs = xs.index_select(0, self._rows.to(x.device))
                 # float32 accumulation without a float32 copy of the activations
                 sq = torch.linalg.vector_norm(xs, dim=0, dtype=torch.float32).square_()  # [in]
-                self._last = (x, sq)
-            else:
-                xs = x[self.select.to(x.device)]  # [tokens, in]: a copy, safe to square in place
-                sq = xs.float().square_().sum(dim=0)
                 self._last = (x, sq)
             acc = self.sums.get(name)
             self.sums[name] = sq.clone() if acc is None else acc.add_(sq)
@@ -188,9 +196,7 @@ def wanda_norms(
         ):
             check_stop(should_stop)
             batch = batch.to(device)
-            collector.select = _token_selection(batch, cfg.tokens)
-            collector._last = None
-            if not bool(collector.select.any()):
+            if not collector.set_batch(_token_selection(batch, cfg.tokens)):
                 continue
             _forward_decoder_only(loaded, batch.inputs, fwd)
     if not collector.sums:
@@ -401,7 +407,7 @@ def sequential_masks(
             for n, m in linears.items():
                 hooks.pre(m, collector.hook(n))
             for b in range(len(states)):
-                collector.select, collector._last = selects[b], None
+                collector.set_batch(selects[b])
                 run_layer(a.layers[layer], states[b], kwargs[b][layer])
         norms = collector.norms()
         for n, v in norms.items():

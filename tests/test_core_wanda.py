@@ -66,24 +66,31 @@ def test_norms_equal_naive(any_tiny, tokens):
         assert torch.allclose(fast[name], slow[name], rtol=1e-4, atol=1e-5), name
 
 
+@pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("tokens", ["response", "all"])
-def test_weighted_sum_path_equals_naive(tiny_llama, tokens, monkeypatch):
-    """The GPU's sync-free statistic (0/1 token weights, a matrix-vector product), on the CPU."""
+def test_both_statistic_paths_equal_naive(tiny_llama, tokens, weighted, monkeypatch):
+    """Gathering the selected rows (default) and the 0/1-weighted sum over all tokens.
+
+    With ``all``, the rows are gathered only where a batch has padding."""
     from hsr_core import wanda
 
-    calls = []
-    original = wanda._NormCollector._weights
+    hooked = []
+    original = wanda._NormCollector.set_batch
 
-    def spy(self, device, dtype):
-        calls.append(device)
-        return original(self, device, dtype)
+    def spy(self, select):
+        out = original(self, select)
+        hooked.append((self._rows, self._weights))
+        return out
 
-    monkeypatch.setattr(wanda._NormCollector, "weighted_sum", True)
-    monkeypatch.setattr(wanda._NormCollector, "_weights", spy)
+    monkeypatch.setattr(wanda._NormCollector, "weighted_sum", weighted)
+    monkeypatch.setattr(wanda._NormCollector, "set_batch", spy)
     data = samples(5)
     fast = wanda_norms(tiny_llama, data, WandaConfig(tokens=tokens, batch_size=3))
     slow = naive_norms(tiny_llama, data, tokens)
-    assert calls  # the weighted path ran
+    assert hooked
+    for rows, weights in hooked:  # the path asked for ran
+        assert (weights is not None) == weighted
+        assert (rows is not None) == (not weighted and tokens == "response") or tokens == "all"
     for name in fast:
         assert torch.allclose(fast[name], slow[name], rtol=1e-4, atol=1e-5), name
 
@@ -307,3 +314,14 @@ def test_non_finite_statistics_and_scores_are_clear_errors(tiny_llama):
     score[1, :8] = float("nan")  # more NaN than the k kept: the row cannot be pruned exactly
     with pytest.raises(ValueError, match="not finite"):
         mask_from_scores(score, WandaConfig(sparsity=0.5))
+
+
+def test_statistics_read_unpadded_batches_as_they_are():
+    """Every token selected: no gather, the activations are read in place."""
+    from hsr_core.wanda import _NormCollector
+
+    col = _NormCollector({})
+    assert col.set_batch(torch.ones(2, 5, dtype=torch.bool)) and col._rows is None
+    assert not col.set_batch(torch.zeros(2, 5, dtype=torch.bool))
+    sel = torch.tensor([[False, True, True], [True, False, False]])
+    assert col.set_batch(sel) and col._rows.tolist() == [1, 2, 3]
