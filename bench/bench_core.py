@@ -281,21 +281,21 @@ def bench_wanda(loaded: LoadedModel, args, device: torch.device) -> dict:
     scores = [wanda_score(w, norms[n]) for n, w in linears]
     ks = [int(w.shape[1] * 0.5) for _, w in linears]
     t_score = timed(lambda: [wanda_score(w, norms[n]) for n, w in linears], device, repeat=3)
-    t_kth = timed(
-        lambda: [s.kthvalue(k, dim=1, keepdim=True) for s, k in zip(scores, ks, strict=True)],
-        device,
-        repeat=3,
-    )
+    # each stage over all linears, keeping one linear's output at a time (as prune_masks does)
+    pairs = list(zip(scores, ks, strict=True))
+
+    def each(fn):
+        def run() -> None:
+            for s, k in pairs:
+                fn(s, k)  # the result is dropped before the next linear's
+
+        return run
+
+    t_kth = timed(each(lambda s, k: s.kthvalue(k, dim=1, keepdim=True)), device, repeat=3)
     t_topk = timed(
-        lambda: [
-            s.topk(k, dim=1, largest=False, sorted=False) for s, k in zip(scores, ks, strict=True)
-        ],
-        device,
-        repeat=3,
+        each(lambda s, k: s.topk(k, dim=1, largest=False, sorted=False)), device, repeat=3
     )
-    t_select = timed(
-        lambda: [lowest_k(s, k) for s, k in zip(scores, ks, strict=True)], device, repeat=3
-    )
+    t_select = timed(each(lowest_k), device, repeat=3)
     bools = [lowest_k(s, k) for s, k in zip(scores, ks, strict=True)]
     scores.clear()  # free the score matrices before packing
     t_pack = timed(

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU benchmarks of issue 2 in one command (about 4 minutes on an H200), for a lent
+# The GPU benchmarks of issue 2 in one command (about 3 minutes on an H100 or an H200), for a lent
 # device machine that has torch and transformers (no gradio needed):
 #
 #     bash bench/gpu_session.sh "$OUT"
@@ -10,7 +10,7 @@
 set -euo pipefail
 out="${1:-bench/results/gpu}"
 mkdir -p "$out"
-card=$(python -c "import torch; print(torch.cuda.get_device_name().split()[-1].lower())")
+card=$(python -c "import torch; print(torch.cuda.get_device_name().split()[1].lower())")  # h100, h200
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/card.txt" || true
 # vicuna-7b shape: Ships (naive loop sampled on 32 heads), Wanda statistics, masks by stage
 python bench/bench_core.py --model shape:vicuna-7b --tokens 2048 --dtype bfloat16 --device cuda \
