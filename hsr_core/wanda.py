@@ -113,6 +113,11 @@ class _NormCollector:
     """Weight tokens 0/1 and sum over all of them instead of gathering the selected ones (no
     index at all; kept as the alternative ``bench/bench_core.py`` times side by side)."""
 
+    fused_norm: bool | None = None
+    """Sum squares with ``vector_norm`` (float32 accumulation, no float32 copy); None: on a GPU.
+    On the CPU a reduction over dim 0 by ``vector_norm`` is 3 to 9x slower than squaring and
+    summing (measured on the development machine), so the CPU squares a float32 copy."""
+
     def __init__(self, modules: dict[str, nn.Linear]) -> None:
         self.modules = modules
         self.sums: dict[str, torch.Tensor] = {}
@@ -139,18 +144,32 @@ class _NormCollector:
                 sq = self._last[1]
             else:
                 xs = x.reshape(-1, x.shape[-1])  # [tokens, in]
+                owned = True  # xs a temporary copy
                 if self._weights is not None:
                     w = self._weights.to(x.device, x.dtype)  # 0 or 1: exact in any dtype
                     xs = xs * w[:, None]
                 elif self._rows is not None:
                     xs = xs.index_select(0, self._rows.to(x.device))
-                # float32 accumulation without a float32 copy of the activations
-                sq = torch.linalg.vector_norm(xs, dim=0, dtype=torch.float32).square_()  # [in]
+                else:
+                    owned = False
+                sq = self._sum_of_squares(xs, owned=owned)
                 self._last = (x, sq)
             acc = self.sums.get(name)
             self.sums[name] = sq.clone() if acc is None else acc.add_(sq)
 
         return fn
+
+    def _sum_of_squares(self, xs: torch.Tensor, *, owned: bool) -> torch.Tensor:
+        """``[in]`` float32 sums of squares of ``xs`` ``[tokens, in]`` over its rows.
+
+        Args:
+            owned: ``xs`` is a temporary copy that may be squared in place.
+        """
+        fused = self.fused_norm if self.fused_norm is not None else xs.is_cuda
+        if fused:
+            return torch.linalg.vector_norm(xs, dim=0, dtype=torch.float32).square_()
+        xf = xs.float()
+        return (xf.square_() if owned or xf is not xs else xf.square()).sum(dim=0)
 
     def norms(self) -> dict[str, torch.Tensor]:
         return {n: s.sqrt().cpu() for n, s in self.sums.items()}

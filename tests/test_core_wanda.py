@@ -66,10 +66,12 @@ def test_norms_equal_naive(any_tiny, tokens):
         assert torch.allclose(fast[name], slow[name], rtol=1e-4, atol=1e-5), name
 
 
+@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("tokens", ["response", "all"])
-def test_both_statistic_paths_equal_naive(tiny_llama, tokens, weighted, monkeypatch):
-    """Gathering the selected rows (default) and the 0/1-weighted sum over all tokens.
+def test_both_statistic_paths_equal_naive(tiny_llama, tokens, weighted, fused, monkeypatch):
+    """Gathering the selected rows (default) and the 0/1-weighted sum over all tokens; squares
+    summed as on the CPU or by ``vector_norm`` (the GPU's way).
 
     With ``all``, the rows are gathered only where a batch has padding."""
     from hsr_core import wanda
@@ -83,6 +85,7 @@ def test_both_statistic_paths_equal_naive(tiny_llama, tokens, weighted, monkeypa
         return out
 
     monkeypatch.setattr(wanda._NormCollector, "weighted_sum", weighted)
+    monkeypatch.setattr(wanda._NormCollector, "fused_norm", fused)
     monkeypatch.setattr(wanda._NormCollector, "set_batch", spy)
     data = samples(5)
     fast = wanda_norms(tiny_llama, data, WandaConfig(tokens=tokens, batch_size=3))
@@ -325,3 +328,17 @@ def test_statistics_read_unpadded_batches_as_they_are():
     assert not col.set_batch(torch.zeros(2, 5, dtype=torch.bool))
     sel = torch.tensor([[False, True, True], [True, False, False]])
     assert col.set_batch(sel) and col._rows.tolist() == [1, 2, 3]
+
+
+def test_statistics_leave_the_activations_alone():
+    """With every token selected the hook reads the layer's input itself: never squared in place."""
+    from hsr_core.wanda import _NormCollector
+
+    lin = torch.nn.Linear(6, 3)
+    col = _NormCollector({"l": lin})
+    col.set_batch(torch.ones(2, 4, dtype=torch.bool))
+    x = torch.randn(2, 4, 6)
+    before = x.clone()
+    col.hook("l")(lin, (x,))
+    assert torch.equal(x, before)
+    assert torch.allclose(col.sums["l"], before.reshape(-1, 6).square().sum(0))
