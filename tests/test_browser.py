@@ -112,7 +112,7 @@ def test_chat_through_the_browser(page) -> None:
     from playwright.sync_api import expect
 
     page.get_by_role("tab", name="5 · Chat").click()
-    expect(page.locator("#hsr-chat-realigned")).to_contain_text("restored in 8 heads")
+    expect(page.locator("#hsr-chat-realigned")).to_contain_text("in 8 heads")
     tokens = page.locator("#hsr-chat-max-new input[type=number]")
     tokens.fill("24")  # short answers: both turns fit the screenshot
     tokens.press("Tab")
@@ -132,6 +132,30 @@ def test_chat_through_the_browser(page) -> None:
         expect(column.locator(".hsr-answered, .hsr-refused")).to_have_count(2, timeout=TIMEOUT_MS)
     expect(page.get_by_role("button", name="Send")).to_be_enabled()
     shot(page, "app-chat.png")
+
+    # a column's title never runs under its toolbar (clear, copy all); at 1100 px the three
+    # columns are at their narrowest before they wrap
+    for width in (1440, 1100):
+        page.set_viewport_size({"width": width, "height": 1000})
+        page.wait_for_timeout(300)
+        for column in columns:
+            label = column.locator('label[data-testid="block-label"]').bounding_box()
+            tools = [
+                column.get_by_role("button", name=n).first for n in ("Clear", "Copy conversation")
+            ]
+            for tool in tools:
+                box = tool.bounding_box()
+                assert box and not overlaps(label, box), (width, label, box)
+    page.set_viewport_size({"width": 1440, "height": 1000})
+
+
+def overlaps(a: dict[str, float], b: dict[str, float]) -> bool:
+    return (
+        a["x"] < b["x"] + b["width"]
+        and b["x"] < a["x"] + a["width"]
+        and a["y"] < b["y"] + b["height"]
+        and b["y"] < a["y"] + a["height"]
+    )
 
 
 def test_progress_and_stop(page, tmp_path_factory: pytest.TempPathFactory) -> None:

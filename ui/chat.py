@@ -371,7 +371,8 @@ def column_label(state: Session, variant: str) -> str:
         return f"{variant} (not made yet)"
     if variant == "pruned":
         return f"pruned · Wanda {100 * s['sparsity']:.0f}%"
-    return f"realigned · {s['restored']:,} restored in {len(s['selected_heads'])} heads"
+    # short: the label shares the column's top edge with its toolbar (clear, copy all)
+    return f"realigned · +{s['restored']:,} in {len(s['selected_heads'])} heads"
 
 
 def _columns(turns: Sequence[Turn], state: Session | None = None) -> dict[str, Any]:
@@ -612,6 +613,9 @@ CSS = """
 .hsr-refused { background: #FEE2E2; color: #B91C1C; }
 .hsr-pending { background: #E5E7EB; color: #374151; }
 #hsr-chat-tools button { white-space: nowrap; }
+/* a column's title never runs under its toolbar (clear, copy all) at the top right */
+[id^="hsr-chat-"] label[data-testid="block-label"] { max-width: calc(100% - 84px);
+    overflow: hidden; white-space: nowrap; text-overflow: ellipsis; }
 """
 
 
