@@ -8,6 +8,11 @@ as the design intends.
 
 Usage:
     python bench/bench_variants.py --model builtin:smollm2-135m
+    python bench/bench_variants.py --model shape:vicuna-7b --device cuda
+
+``shape:NAME`` (the shapes of ``bench_core.py``) builds a random-weight model in bfloat16 on the
+device, with random norms (no tokenizer): there are no files to reload, so the baseline is the
+copy of all weights from host memory to the device, the floor under any reload.
 """
 
 from __future__ import annotations
@@ -75,15 +80,28 @@ def release_freed_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-def pruning_state(loaded, samples: int) -> tuple[dict, dict, dict, torch.Tensor]:
+def pruning_state(
+    loaded, samples: int, *, random_norms: bool = False
+) -> tuple[dict, dict, dict, torch.Tensor]:
     """Norms of both built-in sets, 50% Wanda masks and seeded random head scores.
 
     What the app holds after pruning, without running Ships (its scores only pick heads here).
+    ``random_norms``: seeded random norms instead (a model without a tokenizer).
     """
-    calib = builtin_calibration()
     cfg = WandaConfig(sparsity=0.5, num_samples=samples)
-    safety = wanda_norms(loaded, calib.safety[:samples], cfg)
-    utility = wanda_norms(loaded, calib.utility[:samples], cfg)
+    if random_norms:
+        g = torch.Generator().manual_seed(0)
+        safety, utility = (
+            {
+                n: torch.rand(m.in_features, generator=g) + 0.1
+                for n, _, _, m in loaded.adapter.iter_linears()
+            }
+            for _ in range(2)
+        )
+    else:
+        calib = builtin_calibration()
+        safety = wanda_norms(loaded, calib.safety[:samples], cfg)
+        utility = wanda_norms(loaded, calib.utility[:samples], cfg)
     masks = prune_masks(loaded, utility, cfg)
     scores = torch.rand(
         loaded.adapter.num_layers,
@@ -103,24 +121,47 @@ def main() -> None:
     p.add_argument("--cycles", type=int, default=5)
     args = p.parse_args()
 
-    spec = ModelSpec(args.model, device=args.device)
-    t = time.perf_counter()
-    loaded = load_model(spec)
-    t_load = time.perf_counter() - t
-    t = time.perf_counter()
-    again = load_model(spec)  # a reload with the files in the page cache
-    for prm in again.model.parameters():  # read every weight: mapped files load lazily
-        prm.data = prm.data.clone()
-    t_reload = time.perf_counter() - t
-    del again
-    device = loaded.device
+    shape = args.model.startswith("shape:")
+    if shape:
+        from bench_core import build
+
+        t = time.perf_counter()
+        loaded = build(
+            argparse.Namespace(
+                model=args.model, dtype="bfloat16", device=args.device, layers=0, tokens=4096
+            )
+        )
+        t_load = time.perf_counter() - t
+        device = loaded.device
+        host = [p.detach().cpu() for p in loaded.model.parameters()]
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t = time.perf_counter()
+        for h, prm in zip(host, loaded.model.parameters(), strict=True):
+            prm.data.copy_(h)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t_reload = time.perf_counter() - t
+        del host
+    else:
+        spec = ModelSpec(args.model, device=args.device)
+        t = time.perf_counter()
+        loaded = load_model(spec)
+        t_load = time.perf_counter() - t
+        t = time.perf_counter()
+        again = load_model(spec)  # a reload with the files in the page cache
+        for prm in again.model.parameters():  # read every weight: mapped files load lazily
+            prm.data = prm.data.clone()
+        t_reload = time.perf_counter() - t
+        del again
+        device = loaded.device
     weights = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
     # transformers maps safetensors weights on the CPU (file-backed pages, copied on first
     # write); make them ordinary memory so the baseline holds one full copy, as on a GPU
     for prm in loaded.model.parameters():
         prm.data = prm.data.clone()
 
-    safety, utility, masks, scores = pruning_state(loaded, args.samples)
+    safety, utility, masks, scores = pruning_state(loaded, args.samples, random_norms=shape)
 
     # the restore set comes from the realign step (its rank cache is that step's memory, not
     # the variants'): made here, while the model is dense, before memory is measured
@@ -160,13 +201,19 @@ def main() -> None:
     v.close()
 
     print(f"# {args.model} on {device}, {loaded.dtype}; weights {weights / 2**20:.0f} MiB")
-    print("| step | median ms | vs reload |")
+    print("| step | median ms | vs baseline |")
     print("|---|---|---|")
-    print(f"| load (first, cold cache) | {1000 * t_load:.0f} | |")
-    print(f"| reload (files in page cache, weights read) | {1000 * t_reload:.0f} | 1x |")
+    first = "build (random weights, on the device)" if shape else "load (first, cold cache)"
+    print(f"| {first} | {1000 * t_load:.0f} | |")
+    baseline = (
+        "all weights host -> device (the floor under a reload)"
+        if shape
+        else "reload (files in page cache, weights read)"
+    )
+    print(f"| {baseline} | {1000 * t_reload:.0f} | 1x |")
     for k, ts in times.items():
         m = statistics.median(ts)
-        print(f"| switch {k} | {1000 * m:.1f} | {t_reload / m:.0f}x faster |")
+        print(f"| switch {k} | {1000 * m:.1f} | {t_reload / m:.1f}x faster |")
     print(
         f"\nrestored weights: {rs.count}; masks packed: {sum(m.bits.numel() for m in masks.values()) / 2**20:.1f} MiB"
     )
