@@ -20,11 +20,20 @@ import logging
 import os
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, EvalConfig, ModelSpec, RealignConfig, ShipsConfig, WandaConfig
+from .config import (
+    ConfigError,
+    EvalConfig,
+    ModelSpec,
+    RealignConfig,
+    RunConfig,
+    ShipsConfig,
+    WandaConfig,
+    parse_columns,
+    parse_structure,
+)
 
 COMMANDS = {
     "attribute": "Ships attribution: score every attention head (writes heads.jsonl).",
@@ -42,15 +51,11 @@ EXAMPLE = """example:
 """
 
 
-def _columns(text: str | None) -> dict[str, str] | None:
-    if not text:
-        return None
+def _columns(text: str | None) -> tuple[tuple[str, str], ...]:
     try:
-        return dict(part.split("=", 1) for part in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"--columns must look like prompt=instruction,response=output (got {text!r})"
-        ) from None
+        return parse_columns(text)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _add_common(p: argparse.ArgumentParser, command: str) -> None:
@@ -75,7 +80,7 @@ def _add_common(p: argparse.ArgumentParser, command: str) -> None:
     g.add_argument(
         "--columns",
         type=_columns,
-        default=None,
+        default=(),
         help="column mapping, e.g. prompt=instruction,response=output,harmful=unsafe",
     )
     g.add_argument("--out", required=True, type=Path, help="output folder")
@@ -167,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="HSR Workbench: Ships head attribution, Wanda pruning and Hierarchical Safety Realignment.",
         epilog=EXAMPLE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, help_text in COMMANDS.items():
@@ -176,26 +182,16 @@ def build_parser() -> argparse.ArgumentParser:
             description=help_text,
             epilog=EXAMPLE,
             formatter_class=argparse.RawDescriptionHelpFormatter,
+            allow_abbrev=False,
         )
         _add_common(sp, name)
     return parser
 
 
-def _structure(text: str) -> dict[str, Any]:
-    if text == "unstructured":
-        return {"structure": "unstructured"}
-    try:
-        n, m = (int(x) for x in text.split(":"))
-    except ValueError:
-        raise ConfigError(
-            f"--structure must be 'unstructured' or N:M like 2:4, got {text!r}"
-        ) from None
-    return {"structure": "n:m", "n": n, "m": m}
-
-
-def run_config(args: argparse.Namespace):
-    from .pipeline import RunConfig
-
+def run_config(args: argparse.Namespace, total_heads: int | None = None) -> RunConfig:
+    """The arguments as a ``RunConfig``; ``top_h`` defaults to 10, or to every head of a model
+    with fewer (``total_heads``)."""
+    top_h = args.top_h or (min(10, total_heads) if total_heads else 10)
     return RunConfig(
         model=ModelSpec(args.model, args.revision, args.dtype, args.device, args.trust_remote_code),
         data=args.data,
@@ -210,9 +206,9 @@ def run_config(args: argparse.Namespace):
             tokens=args.tokens,
             num_samples=args.calib_samples,
             batch_size=args.calib_batch,
-            **_structure(args.structure),
+            **parse_structure(args.structure),
         ),
-        realign=RealignConfig(args.p, args.q, args.max_p, args.top_h or 10, args.slicing),
+        realign=RealignConfig(args.p, args.q, args.max_p, top_h, args.slicing),
         eval=EvalConfig(max_new_tokens=args.max_new_tokens, batch_size=args.eval_batch),
         heads_file=str(args.heads) if args.heads else None,
     )
@@ -222,25 +218,20 @@ def execute(command: str, args: argparse.Namespace) -> dict[str, Any]:
     """Run ``command``; returns what was written (file name -> path)."""
     from safetensors.torch import save_file
 
-    from . import data as data_mod
     from . import pipeline as pl
-    from .models import load_model
-    from .ships import read_heads_jsonl, write_heads_jsonl
-    from .store import ResultCache, default_cache_dir
-    from .variants import Variants
 
-    run = run_config(args)
+    run = run_config(args)  # checks every setting before a model is loaded
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
-    cache_root = args.cache_dir or default_cache_dir()
-    cache = ResultCache(cache_root)
+    cache_root = args.cache_dir or pl.default_cache_dir()
+    cache = pl.ResultCache(cache_root)
     log = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
     written: dict[str, Any] = {}
     timings: dict[str, float] = {}
     cached: dict[str, bool] = {}
 
     t0 = time.perf_counter()
-    loaded = load_model(run.model, cache_dir=cache_root, log=log)
+    loaded = pl.load_model(run.model, cache_dir=cache_root, log=log)
     timings["load"] = time.perf_counter() - t0
     info = loaded.describe()
     log(
@@ -248,15 +239,14 @@ def execute(command: str, args: argparse.Namespace) -> dict[str, Any]:
         f"{info['num_layers']} layers x {info['num_heads']} heads ({info['num_kv_heads']} KV), "
         f"{info['device']}, {info['dtype']}"
     )
-    total_heads = loaded.adapter.num_layers * loaded.adapter.num_heads
-    if args.top_h is None and run.realign.top_h > total_heads:
-        run.realign = replace(run.realign, top_h=total_heads)
+    a = loaded.adapter
+    total_heads = a.num_layers * a.num_heads
+    run = run_config(args, total_heads)
+    if args.top_h is None and total_heads < 10:
         log(f"top_h defaults to all {total_heads} heads of this small model")
-    run.realign.check_heads(loaded.adapter.num_layers, loaded.adapter.num_heads)
-    calib = data_mod.load_calibration(
-        run.data, columns=run.columns, utility_source=run.utility_data
-    )
-    eval_samples = data_mod.load_eval(args.eval_data) if args.eval_data else None
+    run.realign.check_heads(a.num_layers, a.num_heads)
+    calib = pl.load_calibration(run.data, columns=run.column_map(), utility_source=run.utility_data)
+    eval_samples = pl.load_eval(args.eval_data) if args.eval_data else None
     log(
         f"Data: {len(calib.safety)} harmful and {len(calib.utility)} benign samples ({calib.source})"
     )
@@ -264,9 +254,7 @@ def execute(command: str, args: argparse.Namespace) -> dict[str, Any]:
     scores = None
     if command in ("attribute", "realign", "evaluate", "export", "run"):
         if run.heads_file:
-            scores = read_heads_jsonl(
-                run.heads_file, loaded.adapter.num_layers, loaded.adapter.num_heads
-            )
+            scores = pl.read_heads_jsonl(run.heads_file, a.num_layers, a.num_heads)
             timings["attribute"], cached["attribute"] = 0.0, True
         else:
             r = pl.attribute(
@@ -279,12 +267,13 @@ def execute(command: str, args: argparse.Namespace) -> dict[str, Any]:
             scores = r.value
             timings["attribute"], cached["attribute"] = r.seconds, r.cached
             log(f"Ships: {'from cache' if r.cached else f'{r.seconds:.1f} s'}")
-        written["heads.jsonl"] = str(write_heads_jsonl(scores, out / "heads.jsonl"))
+        written["heads.jsonl"] = str(pl.write_heads_jsonl(scores, out / "heads.jsonl"))
     if command == "attribute":
         pl.write_json(out / "summary.json", pl.summary(loaded, run, None, None, timings, cached))
         return written
 
-    r = pl.calibrate(loaded, calib, run.wanda, cache, recompute=args.recompute)
+    safety, utility = pl.calibration_samples(loaded, calib, run.wanda)
+    r = pl.calibrate(loaded, safety, utility, run.wanda, cache, recompute=args.recompute)
     norms = r.value
     timings["calibrate"], cached["calibrate"] = r.seconds, r.cached
     if command == "calibrate":
@@ -295,29 +284,29 @@ def execute(command: str, args: argparse.Namespace) -> dict[str, Any]:
         written["norms.safetensors"] = str(out / "norms.safetensors")
         return written
 
-    variants = Variants(loaded, scratch=Path(cache_root) / "variants")
+    r = pl.prune(loaded, norms, utility, run.wanda)  # the weights are still dense here
+    timings["prune"] = r.seconds
+    masks = r.value
+    variants = pl.Variants(loaded, scratch=Path(cache_root) / "variants")
     try:
-        r = pl.prune(variants, norms, calib, run.wanda)
-        timings["prune"] = r.seconds
-        masks = r.value
+        variants.install(masks)
         restore = None
         if command != "prune":
-            r = pl.realign(variants, scores, run.realign, pl.rank_cache(variants, norms))
+            r = pl.realign(loaded, masks, scores, run.realign, pl.rank_cache(variants, norms))
             timings["realign"] = r.seconds
             restore = r.value
+            variants.install(masks, restore)
             log(
                 f"HSR: restored {restore.count} weights ({restore.per_10k_pruned:.3f} per 10k pruned) "
-                f"in heads {', '.join(f'{l}-{h}' for l, h in restore.heads)}"
+                f"in heads {', '.join(h.label for h in restore.heads)}"
             )
         result = None
         if eval_samples is not None and command in ("evaluate", "run"):
             t = time.perf_counter()
             judge = None
             if args.judge_model:
-                from .evaluate import GuardJudge
-
-                judge = GuardJudge(
-                    load_model(
+                judge = pl.GuardJudge(
+                    pl.load_model(
                         ModelSpec(args.judge_model, dtype=args.dtype, device=args.device),
                         cache_dir=cache_root,
                         log=log,
@@ -354,9 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("transformers").setLevel(logging.ERROR)
     import torch
 
-    from .data import DataError
-    from .models import ModelLoadError
-    from .progress import Cancelled
+    from .pipeline import Cancelled, DataError, ModelLoadError
 
     try:
         written = execute(args.command, args)

@@ -47,6 +47,10 @@ TINY_IMAGE_SIZE = 32
 TINY_PINPOINTS = [[32, 32], [32, 64], [64, 32], [64, 64]]
 
 
+class BuiltinModelError(RuntimeError):
+    """A built-in model cannot be made (unknown name, weights or adapter missing)."""
+
+
 def builtin_names() -> list[str]:
     """The names accepted after ``builtin:``."""
     return ["smollm2-135m-safe", "smollm2-135m", "tiny-llama", "tiny-llava-next"]
@@ -250,10 +254,9 @@ def materialize(
         log: receives a message when something is built (first use only).
 
     Raises:
-        ModelLoadError: for an unknown name, or when the SmolLM2 package is missing.
+        BuiltinModelError: for an unknown name, or when the SmolLM2 weights are missing
+            (``hsr_core.models.resolve_path`` turns it into a ``ModelLoadError``).
     """
-    from .models import ModelLoadError
-
     log = log or (lambda _msg: None)
     root = Path(cache_dir or default_cache_dir()) / "models"
     if name == "tiny-llama":
@@ -271,11 +274,11 @@ def materialize(
                 )
             base = convert_smollm2(base_dest, log=log)
         except FileNotFoundError as e:
-            raise ModelLoadError(str(e)) from e
+            raise BuiltinModelError(str(e)) from e
         if name == "smollm2-135m":
             return base
         if not (ADAPTER_DIR / "adapter_config.json").exists():
-            raise ModelLoadError(
+            raise BuiltinModelError(
                 f"The safety adapter is missing from {ADAPTER_DIR}; run "
                 "`python scripts/train_safety_adapter.py` to make it."
             )
@@ -283,7 +286,7 @@ def materialize(
         if not (dest / ".complete").exists():
             log("Merging the safety adapter into SmolLM2 (first launch only)...")
         return _atomic_build(dest, lambda tmp: _merge_safety_adapter(base, tmp))
-    raise ModelLoadError(
+    raise BuiltinModelError(
         f"Unknown built-in model {name!r}; choose one of: "
         + ", ".join(f"builtin:{n}" for n in builtin_names())
     )

@@ -1,62 +1,40 @@
-"""Chat with a model: build chat inputs, and stream a reply token by token with a real stop.
+"""Chat with the variants: chat inputs, one reply streamed token by token with a real stop, and
+the turn engine that streams the three variants' replies one after the other.
 
 ``generate_reply`` generates in the calling thread, handing the text so far to a callback
 after every piece, with a stopping criterion that checks the stop flag after every token, so
-Stop ends generation at once. ``stream_reply`` runs it in a worker thread and yields the text;
-leaving its iterator early (a closed connection, an exception) also stops the worker and waits
-for it, so a caller holding ``Variants.use(...)`` around the loop never switches weights under a
-running generation. The same seed is set before each reply, so answers of the three
+Stop ends generation at once. The same seed is set before each reply, so answers of the
 variants differ only because of their weights.
+
+``stream_columns`` is a chat turn: it runs the replies of several variants in a runner passed
+in (anything with ``submit(fn) -> Future``: the app's one model thread, a test's executor),
+each inside ``Variants.use(name)``, and yields their text as it comes. Leaving its iterator
+early (a closed connection, an exception) stops generation and waits for the runner, so no
+caller ever switches weights under a running generation. The app, the tests and
+``bench/bench_chat.py`` all use it.
 """
 
 from __future__ import annotations
 
+import functools
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, wait
+from contextlib import AbstractContextManager, ExitStack, nullcontext
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
-from .config import ConfigError
-from .data import load_image
+from .config import GenerationSettings
+from .data import Sample, chat_messages, encode_prompt, load_image, templater
 from .models import LoadedModel
 from .progress import StopFlag
 
-
-@dataclass(frozen=True)
-class GenerationSettings:
-    """Per-conversation generation settings.
-
-    Attributes:
-        system_prompt: an optional system message.
-        max_new_tokens: reply length limit.
-        temperature: 0 means greedy decoding.
-        top_p: nucleus sampling mass (with temperature > 0).
-        seed: set before every reply, the same for every variant.
-    """
-
-    system_prompt: str = ""
-    max_new_tokens: int = 256
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if not 1 <= self.max_new_tokens <= 8192:
-            raise ConfigError(
-                f"max_new_tokens must be between 1 and 8192, got {self.max_new_tokens}"
-            )
-        if not 0.0 <= self.temperature <= 5.0:
-            raise ConfigError(f"temperature must be between 0 and 5, got {self.temperature}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
-
-    def generate_kwargs(self) -> dict[str, Any]:
-        if self.temperature == 0:
-            return {"do_sample": False}
-        return {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p}
+if TYPE_CHECKING:
+    from .variants import Variants
 
 
 def chat_inputs(
@@ -76,36 +54,15 @@ def chat_inputs(
     """
     if not history or history[-1]["role"] != "user":
         raise ValueError("the conversation must end with a user message")
-    vision = loaded.is_vision
-    if image is not None and not vision:
+    if image is not None and not loaded.is_vision:
         raise ValueError(f"{loaded.spec.name} is a text-only model: it cannot take an image")
-    msgs: list[dict[str, Any]] = []
-    if system_prompt.strip():
-        msgs.append(
-            {
-                "role": "system",
-                "content": [{"type": "text", "text": system_prompt}] if vision else system_prompt,
-            }
-        )
-    for i, m in enumerate(history):
-        if not vision:
-            msgs.append({"role": m["role"], "content": m["content"]})
-            continue
-        content = [{"type": "text", "text": m["content"]}]
-        if image is not None and i == len(history) - 1:
-            content.insert(0, {"type": "image"})
-        msgs.append({"role": m["role"], "content": content})
-    templater = loaded.processor if vision else loaded.tokenizer
-    text = templater.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
-    if vision:
-        if isinstance(image, str):
-            from .data import Sample
-
-            image = load_image(Sample(prompt="", image=image))
-        kwargs = {"images": image} if image is not None else {}
-        return dict(loaded.processor(text=text, return_tensors="pt", **kwargs))
-    ids = loaded.tokenizer(text, add_special_tokens=False, return_tensors="pt")
-    return dict(ids)
+    msgs = chat_messages(
+        history, vision=loaded.is_vision, image=image is not None, system=system_prompt
+    )
+    text = templater(loaded).apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    if isinstance(image, str):
+        image = load_image(Sample(prompt="", image=image))
+    return encode_prompt(loaded, text, image)
 
 
 class _StopOnFlag:
@@ -187,51 +144,144 @@ def generate_reply(
     return out.text
 
 
-def stream_reply(
-    loaded: LoadedModel,
-    history: Sequence[dict[str, Any]],
+# ---------------------------------------------------------------------------------------------
+# a chat turn: several variants, one after the other
+
+
+class Runner(Protocol):
+    """Where a turn's torch work runs (``hsr_core.worker.ModelThread``, an executor)."""
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future: ...
+
+
+@dataclass
+class Reply:
+    """One event of a turn: the text of ``variant`` so far, or (``done``) its final text.
+
+    Attributes:
+        variant: which column.
+        text: the reply so far.
+        done: the reply is complete (``tokens``, ``seconds`` and ``stopped`` are set).
+        tokens: tokens generated (the stopping criterion runs once per token).
+        seconds: wall time of the column, the switch to its variant included.
+        stopped: generation ended because the stop flag was set.
+    """
+
+    variant: str
+    text: str
+    done: bool = False
+    tokens: int = 0
+    seconds: float = 0.0
+    stopped: bool = False
+
+
+def stream_columns(
+    install: Callable[[], Variants],
+    jobs: Sequence[tuple[str, Sequence[dict[str, Any]]]],
     settings: GenerationSettings,
     *,
+    runner: Runner,
     image: Any | None = None,
     should_stop: StopFlag = None,
-) -> Iterator[str]:
-    """Stream a reply: yields the text so far after each new piece of text.
-
-    ``generate_reply`` runs in a worker thread; leaving the iterator early stops it and waits
-    for it. (A host that runs all torch work in one thread, like the app, calls
-    ``generate_reply`` there instead: see ``hsr_core.worker``.)
+    lock: AbstractContextManager | None = None,
+    min_interval: float = 0.0,
+) -> Iterator[Reply]:
+    """Stream the replies of several variants, one after the other, generated by ``runner``.
 
     Args:
-        loaded: the model (in whatever variant is active).
-        history: the conversation, ending with the user's message.
-        settings: generation settings (the seed is set before generating).
-        image: optional image for vision-language models.
-        should_stop: polled after every token; generation ends when it returns True.
+        install: called in the runner under ``lock``; returns the variants to switch (the app
+            installs the session's masks and restore set here).
+        jobs: ``(variant, history)`` pairs in order; each history ends with the user message.
+        settings: generation settings, the same for every variant (seed included).
+        runner: what runs the turn: anything with ``submit(fn) -> Future``.
+        image: an image for vision-language models (a PIL image or a file path).
+        should_stop: polled after every token; once True the current reply ends and the
+            remaining jobs are skipped.
+        lock: held by the runner for the whole turn (the app's workbench lock).
+        min_interval: at least this many seconds between two events; text that comes sooner
+            is held back (newer text replaces it) and sent when the interval is up, whether or
+            not newer text came (``done`` events go at once).
+
+    Yields:
+        ``Reply`` events: the text so far (several pending updates of one reply are merged
+        into the newest), and one ``done`` event per finished reply.
+
+    The variants are entered one inside the other, so that ``pruned`` -> ``realigned`` writes
+    back only the restored weights and the dense weights are copied back once, after the last
+    reply, rather than after every reply. Leaving the iterator early stops generation and waits
+    for the runner.
     """
-    pieces: queue.SimpleQueue = queue.SimpleQueue()
+    events: queue.Queue = queue.Queue()
     abandoned = threading.Event()
-    done = object()
 
     def stop() -> bool:
         return abandoned.is_set() or bool(should_stop and should_stop())
 
+    def put_text(name: str, text: str) -> None:
+        events.put(Reply(name, text))
+
     def work() -> None:
         try:
-            generate_reply(
-                loaded, history, settings, on_text=pieces.put, image=image, should_stop=stop
-            )
-        except BaseException as e:  # surfaced in the caller's thread below
-            pieces.put(e)
-        finally:
-            pieces.put(done)
+            with lock or nullcontext(), ExitStack() as variants_used:
+                variants = install()
+                for name, history in jobs:
+                    if stop():
+                        break
+                    tokens = 0
 
-    worker = threading.Thread(target=work, daemon=True)
-    worker.start()
+                    def per_token() -> bool:
+                        nonlocal tokens
+                        tokens += 1
+                        return stop()
+
+                    t0 = time.perf_counter()
+                    # nested: each variant is entered from the one before (pruned -> realigned
+                    # restores a few weights); all are left together at the end of the turn
+                    loaded = variants_used.enter_context(variants.use(name))
+                    text = generate_reply(
+                        loaded,
+                        history,
+                        settings,
+                        on_text=functools.partial(put_text, name),
+                        image=image,
+                        should_stop=per_token,
+                    )
+                    stopped = stop()
+                    seconds = time.perf_counter() - t0
+                    events.put(Reply(name, text, True, tokens, seconds, stopped))
+        except BaseException as e:  # raised in the caller's thread
+            events.put(e)
+        finally:
+            events.put(None)
+
+    finished = runner.submit(work)
+    pending: Reply | None = None  # the newest text not sent yet
+    sent = float("-inf")
     try:
-        while (item := pieces.get()) is not done:
-            if isinstance(item, BaseException):
-                raise item
-            yield item
+        while True:
+            wait_s = None if pending is None else max(0.0, sent + min_interval - time.monotonic())
+            try:
+                batch = [events.get(timeout=wait_s)]
+            except queue.Empty:  # no new text for a while: send the one held back
+                yield pending
+                pending, sent = None, time.monotonic()
+                continue
+            while not events.empty():  # the consumer fell behind: send only the newest text
+                batch.append(events.get_nowait())
+            for item in batch:
+                if item is None:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                if item.done:  # carries the reply's final text
+                    pending = None
+                    yield item
+                    sent = time.monotonic()
+                else:
+                    pending = item
+            if pending is not None and time.monotonic() - sent >= min_interval:
+                yield pending
+                pending, sent = None, time.monotonic()
     finally:
         abandoned.set()
-        worker.join()
+        wait([finished])  # the turn's exceptions already came through the queue

@@ -1,9 +1,11 @@
 """Frozen, self-checking configuration for each HSR step.
 
 One dataclass per step (Ships attribution, Wanda calibration and pruning, HSR realignment,
-evaluation) plus the model spec. Every field is validated in ``__post_init__`` so that a bad
+evaluation, chat generation), the model spec, and ``RunConfig`` for a whole run; plus the
+parsers of the two settings written as text (an N:M pattern, a column mapping), shared by the
+command line and the app. Every field is validated in ``__post_init__`` so that a bad
 combination fails at construction, with a message that says what to change, instead of deep
-inside a tensor operation. Defaults are the reference's (``../shared/HSR_SPEC.md`` section 6).
+inside a tensor operation. Defaults are the reference's (docs/METHOD.md).
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class ShipsConfig:
-    """Ships head attribution (spec section 2).
+    """Ships head attribution (docs/METHOD.md, "Ships").
 
     Attributes:
         num_samples: how many harmful probe prompts to use.
@@ -99,7 +101,7 @@ class ShipsConfig:
 
 @dataclass(frozen=True)
 class WandaConfig:
-    """Wanda statistics and pruning masks (spec section 3).
+    """Wanda statistics and pruning masks (docs/METHOD.md, "Wanda").
 
     Attributes:
         sparsity: fraction of each row's weights pruned (unstructured).
@@ -148,7 +150,7 @@ class WandaConfig:
 
 @dataclass(frozen=True)
 class RealignConfig:
-    """HSR restore set (spec section 4).
+    """HSR restore set (docs/METHOD.md, "HSR").
 
     Attributes:
         p: utility ranks above the top ``p`` fraction are never restored.
@@ -206,6 +208,133 @@ class EvalConfig:
         _check(self.max_new_tokens >= 1, "max_new_tokens must be >= 1")
         _check(self.batch_size >= 1, "batch_size must be >= 1")
         _check(self.min_words >= 0, "min_words must be >= 0")
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """Per-conversation chat generation settings.
+
+    Attributes:
+        system_prompt: an optional system message.
+        max_new_tokens: reply length limit.
+        temperature: 0 means greedy decoding.
+        top_p: nucleus sampling mass (with temperature > 0).
+        seed: set before every reply, the same for every variant.
+    """
+
+    system_prompt: str = ""
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(
+            1 <= self.max_new_tokens <= 8192,
+            f"max_new_tokens must be between 1 and 8192, got {self.max_new_tokens}",
+        )
+        _check(
+            0.0 <= self.temperature <= 5.0,
+            f"temperature must be between 0 and 5, got {self.temperature}",
+        )
+        _check(0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p}")
+
+    def generate_kwargs(self) -> dict[str, Any]:
+        if self.temperature == 0:
+            return {"do_sample": False}
+        return {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a run needs (the command line's arguments, or an app session's settings).
+
+    Attributes:
+        model: the model.
+        data: the calibration data source (``builtin``, ``vlguard:DIR``, a file, a hub id).
+        columns: column mapping for files and hub datasets, ``((field, column), ...)``.
+        utility_data: a separate source for the utility set.
+        ships, wanda, realign, eval: the steps' settings.
+        heads_file: a ``heads.jsonl`` to use instead of running Ships.
+    """
+
+    model: ModelSpec
+    data: str = "builtin"
+    columns: tuple[tuple[str, str], ...] = ()
+    utility_data: str | None = None
+    ships: ShipsConfig = dataclasses.field(default_factory=ShipsConfig)
+    wanda: WandaConfig = dataclasses.field(default_factory=WandaConfig)
+    realign: RealignConfig = dataclasses.field(default_factory=RealignConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    heads_file: str | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.columns, dict):  # accept a mapping; keep a hashable tuple
+            object.__setattr__(self, "columns", tuple(self.columns.items()))
+
+    def column_map(self) -> dict[str, str] | None:
+        """The column mapping as a dict (None when there is none)."""
+        return dict(self.columns) or None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": to_dict(self.model),
+            "data": self.data,
+            "columns": self.column_map(),
+            "utility_data": self.utility_data,
+            "ships": to_dict(self.ships),
+            "wanda": to_dict(self.wanda),
+            "realign": to_dict(self.realign),
+            "eval": to_dict(self.eval),
+        }
+
+    def key(self) -> str:
+        return fingerprint(self.to_dict())
+
+
+STRUCTURES = ("unstructured", "2:4", "4:8")
+"""The N:M patterns offered by the app (any N:M is accepted)."""
+
+
+def parse_structure(text: str) -> dict[str, Any]:
+    """``"unstructured"`` or ``"N:M"`` -> the ``WandaConfig`` fields that say so.
+
+    Raises:
+        ConfigError: anything else, with an example.
+    """
+    text = (text or "").strip()
+    if text == "unstructured":
+        return {"structure": "unstructured"}
+    try:
+        n, m = (int(x) for x in text.split(":"))
+    except ValueError:
+        raise ConfigError(
+            f"structure must be 'unstructured' or N:M like 2:4, got {text!r}"
+        ) from None
+    return {"structure": "n:m", "n": n, "m": m}
+
+
+def parse_columns(text: str | None) -> tuple[tuple[str, str], ...]:
+    """``"prompt=instruction,response=output"`` -> ``(("prompt", "instruction"), ...)``.
+
+    Commas or semicolons separate the pairs; spaces around names are ignored; empty text is no
+    mapping.
+
+    Raises:
+        ConfigError: a part that is not ``field=column``.
+    """
+    pairs = []
+    for part in (text or "").replace(";", ",").split(","):
+        if not part.strip():
+            continue
+        key, sep, value = part.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise ConfigError(
+                f"column mapping {text!r}: write it as field=column pairs separated by commas, "
+                "e.g. prompt=instruction,response=output,harmful=unsafe"
+            )
+        pairs.append((key.strip(), value.strip()))
+    return tuple(pairs)
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

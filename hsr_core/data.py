@@ -1,4 +1,4 @@
-"""Samples, the built-in sets, loaders, and chat encoding (spec section 1).
+"""Samples, the built-in sets, loaders, and chat encoding (docs/METHOD.md, "Data").
 
 A ``Sample`` is a request, optionally an answer and an image. Two calibration sets feed HSR:
 the safety set (harmful requests with refusals) and the utility set (benign requests with
@@ -362,6 +362,23 @@ def builtin_eval() -> list[Sample]:
     return rows_to_samples(rows, "builtin eval.jsonl", {"response": "reference"})
 
 
+EXAMPLE_KINDS = ("harmful", "borderline", "benign")
+
+
+@lru_cache(maxsize=4)
+def builtin_examples(per_kind: int = 3) -> tuple[tuple[str, str, str], ...]:
+    """``(kind, category, prompt)`` examples from the built-in evaluation split: ``per_kind``
+    harmful, borderline and benign prompts, each from another category."""
+    kinds = {row.get("id"): row.get("kind") for row in _builtin_rows("eval")}
+    picked: dict[str, list[tuple[str, str, str]]] = {k: [] for k in EXAMPLE_KINDS}
+    for s in builtin_eval():
+        kind = kinds.get(s.id) or ("harmful" if s.harmful else "benign")
+        rows = picked.get(kind)
+        if rows is not None and len(rows) < per_kind and all(r[1] != s.category for r in rows):
+            rows.append((kind, s.category, s.prompt))
+    return tuple(r for k in EXAMPLE_KINDS for r in picked[k])
+
+
 def load_eval(source: str | Path) -> list[Sample]:
     """Evaluation prompts: ``builtin`` or a JSONL of ``{"prompt", "harmful", "image"?}``."""
     if str(source) == "builtin":
@@ -466,31 +483,71 @@ class Batch:
         return int(self.inputs["attention_mask"].sum())
 
 
+def chat_messages(
+    history: Sequence[dict[str, Any]],
+    *,
+    vision: bool,
+    image: bool = False,
+    system: str | None = None,
+) -> list[dict[str, Any]]:
+    """Chat-template messages for a conversation: the one encoding of chats, used for
+    calibration samples (``messages_for``) and for the chat (``hsr_core.chat.chat_inputs``).
+
+    Args:
+        history: ``{"role": "user"|"assistant", "content": str}`` messages, oldest first.
+        vision: write contents as typed parts (vision-language processors' templates).
+        image: the last message carries the image (placed before its text).
+        system: a system message, when not empty.
+    """
+    msgs: list[dict[str, Any]] = []
+    if system and system.strip():
+        msgs.append(
+            {"role": "system", "content": [{"type": "text", "text": system}] if vision else system}
+        )
+    for i, m in enumerate(history):
+        if not vision:
+            msgs.append({"role": m["role"], "content": m["content"]})
+            continue
+        content: list[dict[str, Any]] = [{"type": "text", "text": m["content"]}]
+        if image and i == len(history) - 1:
+            content.insert(0, {"type": "image"})
+        msgs.append({"role": m["role"], "content": content})
+    return msgs
+
+
 def messages_for(
     sample: Sample, *, vision: bool, system: str | None = None
 ) -> list[dict[str, Any]]:
     """Chat messages for a sample's request (no answer)."""
-    msgs: list[dict[str, Any]] = []
-    if system:
-        msgs.append(
-            {"role": "system", "content": [{"type": "text", "text": system}] if vision else system}
-        )
-    if vision:
-        content = [{"type": "image"}] if sample.has_image else []
-        content.append({"type": "text", "text": sample.prompt})
-        msgs.append({"role": "user", "content": content})
-    else:
-        msgs.append({"role": "user", "content": sample.prompt})
-    return msgs
+    user = [{"role": "user", "content": sample.prompt}]
+    return chat_messages(user, vision=vision, image=sample.has_image, system=system)
 
 
-def _templater(loaded: Any) -> Any:
+def encode_prompt(loaded: Any, text: str, image: Any | None = None) -> dict[str, torch.Tensor]:
+    """Tokenize a prompt rendered by the chat template (with its image for a vision model).
+
+    Returns:
+        Model inputs with batch dimension 1 (``input_ids``, ``attention_mask`` and, for
+        vision-language models, ``pixel_values`` and friends).
+    """
+    if loaded.is_vision:
+        kwargs = {"images": image} if image is not None else {}
+        return dict(loaded.processor(text=text, return_tensors="pt", **kwargs))
+    ids = loaded.tokenizer(text, add_special_tokens=False)["input_ids"]
+    return {
+        "input_ids": torch.tensor([ids]),
+        "attention_mask": torch.ones(1, len(ids), dtype=torch.long),
+    }
+
+
+def templater(loaded: Any) -> Any:
+    """What renders the chat template: the processor of a vision model, else the tokenizer."""
     return loaded.processor if loaded.is_vision else loaded.tokenizer
 
 
 def prompt_text(loaded: Any, sample: Sample, system: str | None = None) -> str:
     """The request rendered through the chat template, with the generation prompt."""
-    return _templater(loaded).apply_chat_template(
+    return templater(loaded).apply_chat_template(
         messages_for(sample, vision=loaded.is_vision, system=system),
         add_generation_prompt=True,
         tokenize=False,
@@ -502,7 +559,7 @@ def response_text(loaded: Any, sample: Sample, prompt: str, system: str | None =
     vision = loaded.is_vision
     msgs = messages_for(sample, vision=vision, system=system)
     answer = [{"type": "text", "text": sample.response}] if vision else sample.response
-    full = _templater(loaded).apply_chat_template(
+    full = templater(loaded).apply_chat_template(
         msgs + [{"role": "assistant", "content": answer}], tokenize=False
     )
     if full.startswith(prompt):
@@ -519,16 +576,7 @@ def encode_one(
         ``(inputs, prompt_len, response_len)`` with batch dimension 1.
     """
     text = prompt_text(loaded, sample, system)
-    if loaded.is_vision:
-        image = load_image(sample)
-        kwargs = {"images": image} if image is not None else {}
-        inputs = dict(loaded.processor(text=text, return_tensors="pt", **kwargs))
-    else:
-        ids = loaded.tokenizer(text, add_special_tokens=False)["input_ids"]
-        inputs = {
-            "input_ids": torch.tensor([ids]),
-            "attention_mask": torch.ones(1, len(ids), dtype=torch.long),
-        }
+    inputs = encode_prompt(loaded, text, load_image(sample) if loaded.is_vision else None)
     prompt_len = inputs["input_ids"].shape[1]
     resp_len = 0
     if with_response and sample.response:

@@ -1,4 +1,4 @@
-"""Evaluation (spec section 5): refusals, attack success rate, RSR, and a utility proxy.
+"""Evaluation (docs/METHOD.md, "Evaluation"): refusals, attack success rate, RSR, and a utility proxy.
 
 - ``is_refusal``: the keyword judge. An answer is a refusal when it contains one of the
   project's refusal phrases (case-insensitive, apostrophes normalised) or has fewer than

@@ -2,22 +2,24 @@
 
 - ``HookSet``: registers forward (pre-)hooks and removes every one of them on exit, also when
   the body raises. A test asserts that no hook is left behind.
-- ``head_ablation``: ablates attention heads at the input of ``o_proj`` (spec section 2), one
+- ``head_ablation``: ablates attention heads at the input of ``o_proj`` (docs/METHOD.md), one
   head per batch row, so many ablated copies of a prompt run side by side. ``zero`` removes the
   head's output; ``uniform`` replaces it with the causal running mean of its values
   (undifferentiated attention, the Ships paper's q-scaling as eps -> 0). Acting at ``o_proj``'s
   input makes both independent of the attention kernel.
 - ``record_layers``: one intact forward pass that records each decoder layer's input and the
   keyword arguments it was called with (rotary embeddings, including Qwen2-VL's 3-D ones, and
-  the attention mask), and the final-norm output. ``replay`` runs layers ``>= l`` again from
-  such a record, with a batch of hidden states that broadcasts against the recorded kwargs.
+  the attention mask), and the final-norm output; the one way layers are recorded (Ships'
+  layer replay and sequential Wanda both use it). ``run_layer`` runs one decoder layer again
+  from such a record, with a batch of hidden states that broadcasts against the recorded
+  kwargs. ``forward_decoder_only`` runs a model up to its last decoder layer only.
 """
 
 from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import Any
 
@@ -158,14 +160,20 @@ class LayerRecord:
     """What one intact forward pass saw.
 
     Attributes:
-        inputs: per decoder layer, its input hidden states ``[1, seq, hidden]``.
-        kwargs: per decoder layer, the keyword arguments it was called with.
-        final: the final-norm output ``[1, seq, hidden]``.
+        inputs: per decoder layer, its input hidden states ``[batch, seq, hidden]`` (only
+            layer 0's when recorded with ``every_input=False``).
+        kwargs: per decoder layer, the keyword arguments it was called with (caches left out).
+        final: the final-norm output ``[batch, seq, hidden]``; None when the pass stopped
+            after the last decoder layer.
     """
 
     inputs: list[torch.Tensor]
     kwargs: list[dict[str, Any]]
-    final: torch.Tensor
+    final: torch.Tensor | None
+
+
+class _StopAfterLastLayer(Exception):
+    pass
 
 
 def _forward_kwargs(model: nn.Module) -> dict[str, Any]:
@@ -176,26 +184,51 @@ def _forward_kwargs(model: nn.Module) -> dict[str, Any]:
     return kw
 
 
-def record_layers(
+def forward_decoder_only(
     model: nn.Module, adapter: ModelAdapter, inputs: dict[str, torch.Tensor]
+) -> None:
+    """Run ``model`` up to its last decoder layer, skipping the final norm and the LM head
+    (for hooks that only read the decoder's linears)."""
+
+    def stop(_mod: nn.Module, _inp: Any, _out: Any) -> None:
+        raise _StopAfterLastLayer
+
+    with HookSet() as hooks:
+        hooks.post(adapter.layers[-1], stop)
+        with suppress(_StopAfterLastLayer):
+            model(**inputs, use_cache=False)
+
+
+def record_layers(
+    model: nn.Module,
+    adapter: ModelAdapter,
+    inputs: dict[str, torch.Tensor],
+    *,
+    every_input: bool = True,
+    final: bool = True,
 ) -> LayerRecord:
     """Run the intact model once and record every decoder layer's input and kwargs.
 
     Args:
         model: the full model (vision tower included, so an image is encoded once here).
         adapter: its adapter.
-        inputs: model inputs for a single prompt (batch 1).
+        inputs: model inputs (Ships: a single prompt; sequential Wanda: a batch).
+        every_input: keep every layer's input; False keeps only layer 0's (what a replay of
+            all layers in order needs).
+        final: run to the final norm and record its output; False stops after the last
+            decoder layer.
     """
     n = adapter.num_layers
     hidden: list[torch.Tensor | None] = [None] * n
     kwargs: list[dict[str, Any] | None] = [None] * n
-    final: dict[str, torch.Tensor] = {}
+    out: dict[str, torch.Tensor] = {}
 
     def make_pre(i: int) -> Callable[..., None]:
         def pre(_mod: nn.Module, args: tuple[Any, ...], kw: dict[str, Any]) -> None:
             kw = dict(kw)
             h = args[0] if args else kw.pop("hidden_states")
-            hidden[i] = h.detach().clone()
+            if every_input or i == 0:
+                hidden[i] = h.detach().clone()
             kwargs[i] = {
                 k: v
                 for k, v in kw.items()
@@ -204,17 +237,23 @@ def record_layers(
 
         return pre
 
-    def grab_final(_mod: nn.Module, _inp: Any, out: torch.Tensor) -> None:
-        final["x"] = out.detach()
+    def grab_final(_mod: nn.Module, _inp: Any, x: torch.Tensor) -> None:
+        out["final"] = x.detach()
 
     with HookSet() as hooks, torch.inference_mode():
         for i, layer in enumerate(adapter.layers):
             hooks.pre(layer, make_pre(i), with_kwargs=True)
-        hooks.post(adapter.final_norm, grab_final)
-        model(**inputs, **_forward_kwargs(model))
-    if any(h is None for h in hidden) or "x" not in final:
+        if final:
+            hooks.post(adapter.final_norm, grab_final)
+            model(**inputs, **_forward_kwargs(model))
+        else:
+            forward_decoder_only(model, adapter, inputs)
+    recorded = hidden if every_input else hidden[:1]
+    if any(k is None for k in kwargs) or any(h is None for h in recorded):
         raise RuntimeError("the intact forward pass did not run every decoder layer")
-    return LayerRecord(hidden, kwargs, final["x"])  # type: ignore[arg-type]
+    if final and "final" not in out:
+        raise RuntimeError("the intact forward pass did not run the final norm")
+    return LayerRecord(recorded, kwargs, out.get("final"))  # type: ignore[arg-type]
 
 
 def run_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .builtin import BuiltinModelError, materialize
 from .config import ModelSpec
 
 ATTN_PROJS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -356,9 +357,10 @@ def resolve_path(spec: ModelSpec, cache_dir: Path | None, log: Callable[[str], N
     """The local folder for ``spec``: built-in, existing folder, or hub download."""
     name = spec.name.strip()
     if name.startswith("builtin:"):
-        from .builtin import materialize
-
-        return materialize(name.split(":", 1)[1], cache_dir=cache_dir, log=log)
+        try:
+            return materialize(name.split(":", 1)[1], cache_dir=cache_dir, log=log)
+        except BuiltinModelError as e:
+            raise ModelLoadError(str(e)) from e
     folder = Path(name).expanduser()
     if folder.is_dir():
         if not (folder / "config.json").exists():

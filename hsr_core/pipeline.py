@@ -1,9 +1,16 @@
-"""The HSR steps in order, for the command line and the app alike.
+"""The HSR steps in order: the one door to the core, for the command line and the app alike.
 
-Each step takes data and a config and returns data; this module adds what sits *around* the
-algorithms: picking the samples, the on-disk cache of Ships scores and norm vectors, timing,
-and writing the command line's files (``heads.jsonl``, ``summary.json``, ``eval.json``,
-``save_pretrained`` folders).
+Each step takes data and a config and returns data (``Timed`` values: scores, norms, masks, a
+restore set, an evaluation); none of them installs anything into ``Variants``: whoever owns the
+variants (the command line's run, the app's workbench) calls ``Variants.install(masks,
+restore)``. This module adds what sits *around* the algorithms: picking and preparing the
+samples (once per step), the on-disk cache of Ships scores and norm vectors, timing, and the
+command line's files (``heads.jsonl``, ``summary.json``, ``eval.json``, ``save_pretrained``
+folders).
+
+The app (``ui/``) imports nothing of the core but this module and ``hsr_core.config``; the
+names it needs from the other modules (types, errors, the chat turn engine, the model thread)
+are re-exported here, in ``__all__`` (a test reads ``ui/``'s imports).
 """
 
 from __future__ import annotations
@@ -12,31 +19,114 @@ import json
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from . import data as data_mod
-from .config import (
-    EvalConfig,
-    ModelSpec,
-    RealignConfig,
-    ShipsConfig,
-    WandaConfig,
-    fingerprint,
-    to_dict,
+from .card import model_card
+from .chat import Reply, stream_columns
+from .config import EvalConfig, RealignConfig, RunConfig, ShipsConfig, WandaConfig, to_dict
+from .data import (
+    CalibrationData,
+    DataError,
+    Sample,
+    builtin_examples,
+    load_calibration,
+    load_eval,
+    select,
 )
-from .data import CalibrationData, Sample
-from .evaluate import GuardJudge, generate, judge_answers, perplexity, rates, rsr
-from .models import LoadedModel
-from .progress import StopFlag
-from .realign import RankCache, RestoreSet, restore_set
-from .ships import ships_scores
-from .store import ResultCache, folder_fingerprint
-from .variants import VariantError, Variants
-from .wanda import Masks, compute_masks, sparsity_report, wanda_norms
+from .evaluate import GuardJudge, generate, is_refusal, judge_answers, perplexity, rates, rsr
+from .heads import Head, all_heads, top_heads
+from .masks import Masks, sparsity_report
+from .models import (
+    ArchitectureError,
+    LoadedModel,
+    ModelLoadError,
+    check_supported,
+    load_model,
+    resolve_path,
+)
+from .progress import Cancelled, StopFlag, bar, check_stop
+from .realign import KEEP_MASKS_MAX_WEIGHTS, RankCache, RestoreSet, head_rank_points, restore_set
+from .ships import read_heads_jsonl, ships_scores, write_heads_jsonl
+from .store import ResultCache, default_cache_dir, folder_fingerprint
+from .variants import VARIANTS, VariantError, Variants
+from .wanda import compute_masks, wanda_norms
+from .worker import ModelThread
+
+__all__ = [
+    # steps
+    "attribute",
+    "calibrate",
+    "calibration_samples",
+    "evaluate",
+    "export_variant",
+    "head_rank_points",
+    "model_card",
+    "prepare_model",
+    "probe_prompts",
+    "prune",
+    "rank_cache",
+    "realign",
+    "stream_columns",
+    "summary",
+    "warm_ranks",
+    "write_json",
+    # loading
+    "builtin_examples",
+    "default_cache_dir",
+    "load_calibration",
+    "load_eval",
+    "load_model",
+    "read_heads_jsonl",
+    "select",
+    "write_heads_jsonl",
+    # the vocabulary
+    "KEEP_MASKS_MAX_WEIGHTS",
+    "VARIANTS",
+    "CalibrationData",
+    "Head",
+    "LoadedModel",
+    "Masks",
+    "ModelThread",
+    "Norms",
+    "RankCache",
+    "Reply",
+    "ResultCache",
+    "RestoreSet",
+    "RunConfig",
+    "Sample",
+    "Timed",
+    "Variants",
+    "all_heads",
+    "is_refusal",
+    "sparsity_report",
+    "top_heads",
+    # errors a user can act on
+    "ArchitectureError",
+    "Cancelled",
+    "DataError",
+    "ModelLoadError",
+    "VariantError",
+]
+
+
+def prepare_model(
+    spec: Any, cache_root: Path | None, log: Callable[[str], None] | None = None
+) -> Path:
+    """Resolve a model spec to its folder (downloading or converting it) and check that HSR can
+    map its architecture, before anything is loaded (a host can then release the model it has).
+
+    Raises:
+        ModelLoadError: unknown id, missing folder, failed download.
+        ArchitectureError: an architecture the adapter cannot map.
+    """
+    path = resolve_path(spec, cache_root, log or (lambda _m: None))
+    check_supported(path, trust_remote_code=spec.trust_remote_code)
+    return path
 
 
 def model_key(loaded: LoadedModel) -> dict[str, Any]:
@@ -141,16 +231,17 @@ class Norms:
 
 def calibrate(
     loaded: LoadedModel,
-    calib: CalibrationData,
+    safety: Sequence[Sample],
+    utility: Sequence[Sample],
     cfg: WandaConfig,
     cache: ResultCache,
     *,
     recompute: bool = False,
     should_stop: StopFlag = None,
 ) -> Timed:
-    """Safety and utility norm vectors (``Timed`` of ``Norms``)."""
+    """Safety and utility norm vectors (``Timed`` of ``Norms``) of prepared calibration samples
+    (``calibration_samples``), each set cached. The model's weights must be dense."""
     t0 = time.perf_counter()
-    safety, utility = calibration_samples(loaded, calib, cfg)
     s = calibrate_set(
         loaded, safety, cfg, cache, label="safety", recompute=recompute, should_stop=should_stop
     )
@@ -161,19 +252,18 @@ def calibrate(
 
 
 def prune(
-    variants: Variants,
+    loaded: LoadedModel,
     norms: Norms,
-    calib: CalibrationData,
+    utility: Sequence[Sample],
     cfg: WandaConfig,
     *,
     should_stop: StopFlag = None,
 ) -> Timed:
-    """Compute masks (one-shot or sequential) and install them in ``variants``; value: Masks."""
+    """Wanda masks (one-shot from the utility norms, or sequential over the prepared utility
+    samples); value: ``Masks``. The model's weights must be dense (``Variants.use("original")``);
+    they are the same on return."""
     t0 = time.perf_counter()
-    with variants.use("original") as loaded:
-        _, utility = calibration_samples(loaded, calib, cfg)
-        masks = compute_masks(loaded, norms.utility, utility, cfg, should_stop=should_stop)
-    variants.set_masks(masks)
+    masks = compute_masks(loaded, norms.utility, utility, cfg, should_stop=should_stop)
     return Timed(masks, False, time.perf_counter() - t0)
 
 
@@ -182,15 +272,35 @@ def rank_cache(variants: Variants, norms: Norms) -> RankCache:
     return RankCache(variants.loaded, norms.safety, norms.utility, weight_of=variants.dense_weight)
 
 
+def warm_ranks(
+    loaded: LoadedModel, ranks: RankCache, *, max_weights: int, should_stop: StopFlag = None
+) -> bool:
+    """Rank every attention projection now when the model has at most ``max_weights``
+    attention weights, so that no later realignment waits for a ranking; returns whether it
+    did."""
+    a = loaded.adapter
+    names = a.linear_names(attention_only=True)
+    size = sum(a.linear(*a.parse(n)).weight.numel() for n in names)
+    if size > max_weights:
+        return False
+    for name in bar(names, desc="Ranking weights for HSR", unit="linear"):
+        check_stop(should_stop)
+        ranks.get(name)
+    return True
+
+
 def realign(
-    variants: Variants, scores: torch.Tensor, cfg: RealignConfig, ranks: RankCache
+    loaded: LoadedModel,
+    masks: Masks | None,
+    scores: torch.Tensor,
+    cfg: RealignConfig,
+    ranks: RankCache,
 ) -> Timed:
-    """Compute the restore set and install it in ``variants``; value: RestoreSet."""
+    """The HSR restore set of the ``top_h`` heads by Ships score; value: ``RestoreSet``."""
     t0 = time.perf_counter()
-    if variants.masks is None:
+    if masks is None:
         raise VariantError("prune first: realignment restores weights that the mask pruned")
-    rs = restore_set(variants.loaded, variants.masks, scores, cfg, ranks)
-    variants.set_restore(rs)
+    rs = restore_set(loaded, masks, scores, cfg, ranks)
     return Timed(rs, False, time.perf_counter() - t0)
 
 
@@ -255,119 +365,8 @@ def export_variant(variants: Variants, variant: str, folder: Path, card: str | N
     return folder
 
 
-def model_card(
-    variant: str, summary_: dict[str, Any], evaluation: dict[str, Any] | None = None
-) -> str:
-    """A Hugging Face model card recording how a pruned / realigned model was made.
-
-    Args:
-        variant: ``pruned`` or ``realigned``.
-        summary_: the ``summary.json`` dict of the run (``summary``).
-        evaluation: the ``eval.json`` dict, when the variants were evaluated.
-    """
-    cfg = summary_.get("config", {})
-    wanda, realign_cfg = cfg.get("wanda", {}), cfg.get("realign", {})
-    base = summary_.get("model", "")
-    structure = (
-        "unstructured"
-        if wanda.get("structure") == "unstructured"
-        else f"{wanda.get('n')}:{wanda.get('m')}"
-    )
-    rows = [
-        ("base model", f"`{base}`"),
-        ("variant", variant),
-        ("calibration data", f"`{cfg.get('data')}`"),
-        (
-            "Wanda sparsity",
-            f"{wanda.get('sparsity')} ({structure}, {wanda.get('mode')}, {wanda.get('tokens')} tokens)",
-        ),
-        ("achieved sparsity", f"{summary_.get('achieved_sparsity', float('nan')):.4f}"),
-    ]
-    if variant == "realigned":
-        rows += [
-            (
-                "HSR p / q / max_p",
-                f"{realign_cfg.get('p')} / {realign_cfg.get('q')} / {realign_cfg.get('max_p')}",
-            ),
-            ("top_h, slicing", f"{realign_cfg.get('top_h')}, {realign_cfg.get('slicing')}"),
-            ("selected heads", ", ".join(summary_.get("selected_heads", []))),
-            (
-                "restored weights",
-                f"{summary_.get('restored')} ({summary_.get('restored_per_10k_pruned', 0):.3f} per 10k pruned)",
-            ),
-        ]
-    lines = [
-        "---",
-        f"base_model: {base}"
-        if "/" in base and not base.startswith("builtin:")
-        else "base_model: null",
-        "tags: [pruned, wanda, hsr, safety]",
-        "---",
-        "",
-        f"# {variant.capitalize()} model made with HSR Workbench",
-        "",
-        "Wanda pruning"
-        + (
-            " followed by Hierarchical Safety Realignment (HSR, ACL 2025 Findings): a small "
-            "set of pruned weights inside the safety-critical attention heads (found with Ships) was restored "
-            "to its dense value."
-            if variant == "realigned"
-            else "."
-        ),
-        "",
-        "| setting | value |",
-        "|---|---|",
-        *[f"| {k} | {v} |" for k, v in rows],
-    ]
-    if evaluation:
-        lines += [
-            "",
-            "## Evaluation",
-            "",
-            "| variant | refusals on harmful | refusals on benign | ASR | perplexity |",
-            "|---|---|---|---|---|",
-        ]
-        for name, v in evaluation.get("variants", {}).items():
-            lines.append(
-                f"| {name} | {v['refusal_rate_harmful']:.1%} | {v['refusal_rate_benign']:.1%} | {v['asr']:.1%} | {v['perplexity']:.2f} |"
-            )
-        if evaluation.get("rsr") is not None:
-            lines += ["", f"Refusal restoration rate (RSR): {evaluation['rsr']:.1%}."]
-    return "\n".join(lines) + "\n"
-
-
 # ---------------------------------------------------------------------------------------------
-# a whole run, as the command line does it
-
-
-@dataclass
-class RunConfig:
-    """Everything a run needs (the command line's arguments, as configs)."""
-
-    model: ModelSpec
-    data: str = "builtin"
-    columns: dict[str, str] | None = None
-    utility_data: str | None = None
-    ships: ShipsConfig = field(default_factory=ShipsConfig)
-    wanda: WandaConfig = field(default_factory=WandaConfig)
-    realign: RealignConfig = field(default_factory=RealignConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    heads_file: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "model": to_dict(self.model),
-            "data": self.data,
-            "columns": self.columns,
-            "utility_data": self.utility_data,
-            "ships": to_dict(self.ships),
-            "wanda": to_dict(self.wanda),
-            "realign": to_dict(self.realign),
-            "eval": to_dict(self.eval),
-        }
-
-    def key(self) -> str:
-        return fingerprint(self.to_dict())
+# the files of a run, as the command line writes them
 
 
 def write_json(path: Path, obj: Any) -> Path:

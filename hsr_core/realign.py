@@ -1,4 +1,4 @@
-"""HSR: restore safety neurons inside safety heads (spec section 4; Li et al., ACL 2025 Findings).
+"""HSR: restore safety neurons inside safety heads (docs/METHOD.md; Li et al., ACL 2025 Findings).
 
 For one linear layer, ``T_x(A)`` is the set of the top ``floor(x * numel)`` entries of ``A``
 ranked over the whole matrix (ties: the lower flat index ranks higher). The restore candidates
@@ -29,9 +29,10 @@ from typing import Any
 import torch
 
 from .config import RealignConfig
+from .heads import Head, top_heads
+from .masks import Masks, PackedMask, pruned_total
 from .models import ATTN_PROJS, LoadedModel, ModelAdapter
-from .ships import top_heads
-from .wanda import Masks, PackedMask, wanda_score
+from .wanda import wanda_score
 
 
 def descending_ranks(score: torch.Tensor) -> torch.Tensor:
@@ -99,8 +100,8 @@ class RestoreSet:
 
     Attributes:
         indices: ``{linear name: long [n]}`` flat indices into the weight.
-        heads: the selected ``(layer, head)`` pairs, best first.
-        per_head: ``{"l-h": {proj: count}}``: restored weights in each head's slice (a weight in
+        heads: the selected heads, best first.
+        per_head: ``{Head: {proj: count}}``: restored weights in each head's slice (a weight in
             the slices of two heads, e.g. a shared KV group, counts for both).
         count: total restored weights (each once).
         pruned_total: weights pruned by the mask (all decoder linears).
@@ -109,8 +110,8 @@ class RestoreSet:
     """
 
     indices: dict[str, torch.Tensor]
-    heads: list[tuple[int, int]]
-    per_head: dict[str, dict[str, int]]
+    heads: list[Head]
+    per_head: dict[Head, dict[str, int]]
     count: int
     pruned_total: int
     candidates: int
@@ -122,13 +123,18 @@ class RestoreSet:
         """Restored weights per ten thousand pruned weights (the paper's ‱)."""
         return 1e4 * self.count / self.pruned_total if self.pruned_total else 0.0
 
+    def restored_in(self, head: Head) -> int:
+        """Restored weights in one selected head's slices (0 for a head not selected)."""
+        return sum(self.per_head.get(head, {}).values())
+
     def summary(self) -> dict[str, Any]:
+        """The accounting as JSON (heads written ``"l-h"``), as ``summary.json`` has it."""
         return {
-            "selected_heads": [f"{l}-{h}" for l, h in self.heads],
+            "selected_heads": [h.label for h in self.heads],
             "restored": self.count,
             "restored_per_10k_pruned": self.per_10k_pruned,
             "restore_candidates_in_heads": self.candidates,
-            "restored_per_head": self.per_head,
+            "restored_per_head": {h.label: dict(c) for h, c in self.per_head.items()},
             "restored_per_module": self.per_module,
         }
 
@@ -207,7 +213,7 @@ def restore_set(
     cfg: RealignConfig,
     ranks: RankCache,
     *,
-    heads: Sequence[tuple[int, int]] | None = None,
+    heads: Sequence[Head | tuple[int, int]] | None = None,
 ) -> RestoreSet:
     """The HSR restore set for the ``top_h`` heads by Ships score.
 
@@ -224,12 +230,12 @@ def restore_set(
     """
     a = loaded.adapter
     cfg.check_heads(a.num_layers, a.num_heads)
-    chosen = list(heads) if heads is not None else top_heads(scores, cfg.top_h)
+    chosen = [Head(*h) for h in heads] if heads is not None else top_heads(scores, cfg.top_h)
     by_layer: dict[int, list[int]] = {}
     for l, h in chosen:
         by_layer.setdefault(l, []).append(h)
     indices: dict[str, torch.Tensor] = {}
-    per_head = {f"{l}-{h}": {p: 0 for p in ATTN_PROJS} for l, h in chosen}
+    per_head = {h: {p: 0 for p in ATTN_PROJS} for h in chosen}
     per_module = {p: 0 for p in ATTN_PROJS}
     n_candidates = 0
     for layer, layer_heads in sorted(by_layer.items()):
@@ -254,7 +260,7 @@ def restore_set(
                 n_candidates += int(r.sum())
                 count = int(restored.sum())
                 for h in owners:
-                    per_head[f"{layer}-{h}"][proj] = count
+                    per_head[Head(layer, h)][proj] = count
                 local = torch.nonzero(restored)  # [n, 2] block coordinates
                 found.append((local[:, 0] + (r0 or 0)) * n_in + local[:, 1] + (c0 or 0))
             idx = torch.cat(found).sort().values if found else torch.empty(0, dtype=torch.long)
@@ -266,7 +272,7 @@ def restore_set(
         heads=chosen,
         per_head=per_head,
         count=sum(v.numel() for v in indices.values()),
-        pruned_total=sum(m.count for m in masks.values()),
+        pruned_total=pruned_total(masks),
         candidates=n_candidates,
         config=cfg,
         per_module=per_module,
@@ -277,7 +283,7 @@ def head_rank_points(
     loaded: LoadedModel,
     masks: Masks,
     ranks: RankCache,
-    head: tuple[int, int],
+    head: Head | tuple[int, int],
     cfg: RealignConfig,
     *,
     max_points: int = 20000,

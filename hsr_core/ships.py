@@ -1,4 +1,4 @@
-"""Ships: which attention heads matter for safety (spec section 2; Zhou et al., arXiv 2410.13708).
+"""Ships: which attention heads matter for safety (docs/METHOD.md, "Ships"; Zhou et al., arXiv 2410.13708).
 
 For N harmful probe prompts, ``M`` (N x d) stacks the final-norm hidden state at each prompt's
 last position for the intact model, and ``M_A(l, h)`` the same with head ``(l, h)`` ablated.
@@ -26,14 +26,10 @@ import torch
 
 from .config import ShipsConfig
 from .data import Sample, encode_one
+from .heads import Head, all_heads
 from .hooks import HookSet, LayerRecord, add_head_ablation, record_layers, run_layer
 from .models import LoadedModel
 from .progress import StopFlag, bar, check_stop
-
-
-def all_heads(num_layers: int, num_heads: int) -> list[tuple[int, int]]:
-    """Every ``(layer, head)``, layer-major."""
-    return [(l, h) for l in range(num_layers) for h in range(num_heads)]
 
 
 def ablated_finals(
@@ -181,18 +177,9 @@ def ships_scores(
     return scores
 
 
-def top_heads(scores: torch.Tensor, k: int) -> list[tuple[int, int]]:
-    """The ``k`` highest-scoring heads, best first (NaN scores last; ties by layer, head)."""
-    flat = torch.nan_to_num(scores.flatten().double(), nan=-math.inf)
-    order = sorted(range(flat.numel()), key=lambda i: (-flat[i].item(), i))
-    H = scores.shape[1]
-    return [(i // H, i % H) for i in order[:k]]
-
-
 def write_heads_jsonl(scores: torch.Tensor, path: str | Path) -> Path:
     """Write the reference's interop format: one JSON line mapping every ``"l-h"`` to its score."""
-    L, H = scores.shape
-    row = {f"{l}-{h}": float(scores[l, h]) for l in range(L) for h in range(H)}
+    row = {head.label: float(scores[head]) for head in all_heads(*scores.shape)}
     path = Path(path)
     path.write_text(json.dumps(row) + "\n", encoding="utf-8")
     return path
@@ -206,10 +193,9 @@ def read_heads_jsonl(path: str | Path, num_layers: int, num_heads: int) -> torch
     row = json.loads(lines[-1])
     scores = torch.full((num_layers, num_heads), math.nan)
     for key, value in row.items():
-        l, h = (int(x) for x in key.split("-"))
-        if not (0 <= l < num_layers and 0 <= h < num_heads):
-            raise ValueError(
-                f"{path}: head {key!r} outside the model's {num_layers}x{num_heads} heads"
-            )
-        scores[l, h] = float(value)
+        try:
+            head = Head.parse(key, num_layers, num_heads)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+        scores[head] = float(value)
     return scores

@@ -28,10 +28,10 @@ from pathlib import Path
 
 import torch
 
+from .masks import Masks, apply_mask
 from .models import LoadedModel
 from .realign import RestoreSet
 from .store import default_cache_dir
-from .wanda import Masks
 
 VARIANTS = ("original", "pruned", "realigned")
 
@@ -98,8 +98,9 @@ class Variants:
         loaded: the model (dense when this is created).
         scratch: folder for the dense-weights scratch file (default ``<cache>/variants``).
 
-    The masks stay packed (1 bit a weight); pruning unpacks one linear's "keep" mask at a time
-    (``PackedMask.unpack_keep``, one table lookup per byte) and multiplies the weight by it.
+    The masks stay packed (1 bit a weight); pruning applies them one linear at a time
+    (``hsr_core.masks.apply_mask``). Whoever owns the variants (the command line, the app's
+    workbench) puts masks and a restore set in with ``install``.
     """
 
     def __init__(self, loaded: LoadedModel, scratch: Path | None = None) -> None:
@@ -153,6 +154,22 @@ class Variants:
             + (["realigned"] if self.masks and self.restore else [])
         )
 
+    def install(self, masks: Masks | None, restore: RestoreSet | None = None) -> None:
+        """Use these pruning masks and this restore set (the one call that changes them).
+
+        What is already installed is kept (compared by identity), so installing a session's
+        state before each of its requests costs nothing when it did not change. The active
+        variant stays active when it still exists, else the model falls back to ``pruned``
+        (no restore set) or ``original`` (no masks).
+        """
+        with self._lock:
+            if restore is not None and masks is None:
+                raise VariantError("prune first: a restore set needs the pruning masks")
+            if masks is not self.masks:
+                self.set_masks(masks)
+            if restore is not self.restore:
+                self.set_restore(restore)
+
     def set_masks(self, masks: Masks | None) -> None:
         """Use new pruning masks (the restore set is dropped: it was made for the old masks)."""
         with self._lock:
@@ -197,9 +214,7 @@ class Variants:
             elif self.current == "original":
                 self._dense()
                 for name, mod in self._modules.items():
-                    # 2 to 3x faster than masked_fill_ on a CPU; pruned entries of negative
-                    # weights become -0.0, which equals 0 everywhere it is used
-                    mod.weight.mul_(self.masks[name].unpack_keep(mod.weight.device))
+                    apply_mask(mod.weight, self.masks[name])
                 if variant == "realigned":
                     self._put_back_restored()
             elif variant == "realigned":  # from pruned

@@ -1,4 +1,4 @@
-"""Wanda: safety and utility importance of every weight, and pruning masks (spec section 3).
+"""Wanda: safety and utility importance of every weight, and pruning masks (docs/METHOD.md, "Wanda").
 
 For a linear layer with weight ``W`` (out x in) and calibration inputs ``X`` (tokens x in), the
 Wanda score is ``S_ij = |W_ij| * ||X_:,j||_2`` (Sun et al., arXiv 2306.11695; the safety/utility
@@ -6,8 +6,8 @@ split is Wei et al., ICML 2024). The durable state is the *norm vectors* ``||X_:
 float32 vector of length ``in`` per linear per calibration set; score matrices are recomputed
 from the weights when needed and never stored.
 
-Masks are data: ``dict[name, PackedMask]``, True meaning *pruned*, packed 8 per byte so that a
-7B model's masks take 1/16 of its bf16 weights. Unstructured masks prune the lowest
+Masks are data (``hsr_core.masks``: ``dict[name, PackedMask]``, True meaning *pruned*, packed
+8 per byte). Unstructured masks prune the lowest
 ``floor(in * sparsity)`` scores of each row; N:M masks the lowest N of every M consecutive
 inputs. Ties are broken by position (the earlier input is pruned first), so masks are exact
 and reproducible.
@@ -15,10 +15,8 @@ and reproducible.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Sequence
-from contextlib import contextmanager, suppress
-from dataclasses import dataclass
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -26,75 +24,10 @@ from torch import nn
 
 from .config import WandaConfig
 from .data import Sample, iter_batches
-from .hooks import HookSet, run_layer
+from .hooks import HookSet, forward_decoder_only, record_layers, run_layer
+from .masks import Masks, PackedMask, apply_mask
 from .models import LoadedModel
 from .progress import StopFlag, bar, check_stop
-
-_BITS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
-
-
-@dataclass
-class PackedMask:
-    """A boolean matrix stored 8 entries per byte (row-major).
-
-    Attributes:
-        bits: uint8 ``[ceil(numel / 8)]``.
-        shape: the matrix shape.
-        count: number of True entries.
-    """
-
-    bits: torch.Tensor
-    shape: tuple[int, ...]
-    count: int
-
-    @classmethod
-    def pack(cls, mask: torch.Tensor, count: int | None = None) -> PackedMask:
-        """Pack a bool matrix; ``count`` (its True entries), when the caller knows it, saves a
-        pass over the mask and, on a GPU, a wait for it."""
-        flat = mask.reshape(-1)
-        flat = flat.view(torch.uint8) if flat.dtype == torch.bool else flat.to(torch.uint8)
-        pad = (-flat.numel()) % 8
-        if pad:
-            flat = torch.cat([flat, flat.new_zeros(pad)])
-        bits = (flat.view(-1, 8) * _BITS.to(flat.device)).sum(dim=1, dtype=torch.uint8)
-        return cls(bits, tuple(mask.shape), int(mask.sum()) if count is None else count)
-
-    def unpack(self, device: torch.device | str | None = None) -> torch.Tensor:
-        """The bool matrix (True where the mask is set), on ``device``."""
-        return self._expand(True, device)
-
-    def unpack_keep(self, device: torch.device | str | None = None) -> torch.Tensor:
-        """The complement (True where the mask is *not* set: the weights a pruning mask
-        keeps), as fast as ``unpack``."""
-        return self._expand(False, device)
-
-    def _expand(self, value: bool, device: torch.device | str | None) -> torch.Tensor:
-        bits = self.bits if device is None else self.bits.to(device)
-        # one gather: each byte picks the 8 bools it stands for, stored as one int64
-        table = _expansion_table(value, bits.device)
-        flat = torch.index_select(table, 0, bits.to(torch.int32)).view(torch.bool)
-        return flat[: self.numel].view(self.shape)
-
-    @property
-    def numel(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
-
-
-Masks = dict[str, PackedMask]
-
-
-@functools.cache
-def _expansion_table(value: bool, device: torch.device) -> torch.Tensor:
-    """``[256]`` int64: entry ``b`` holds the 8 bools of byte ``b`` (bit i -> bool i), each
-    ``value`` where the bit is set; the int64 is only a container for the 8 bytes."""
-    bools = (torch.arange(256, dtype=torch.uint8)[:, None] & _BITS) != 0  # [256, 8]
-    if not value:
-        bools = ~bools
-    return bools.contiguous().view(torch.int64).view(-1).to(device)
-
 
 # ---------------------------------------------------------------------------------------------
 # statistics
@@ -206,7 +139,6 @@ def wanda_norms(
     collector = _NormCollector(modules)
     device = loaded.device
     n_batches = -(-len(samples) // cfg.batch_size)
-    fwd = {"use_cache": False}
     with HookSet() as hooks, torch.inference_mode():
         for name, mod in modules.items():
             hooks.pre(mod, collector.hook(name))
@@ -217,31 +149,13 @@ def wanda_norms(
             batch = batch.to(device)
             if not collector.set_batch(_token_selection(batch, cfg.tokens)):
                 continue
-            _forward_decoder_only(loaded, batch.inputs, fwd)
+            forward_decoder_only(loaded.model, a, batch.inputs)
     if not collector.sums:
         raise ValueError(
             "no calibration tokens were selected: the samples have no responses; "
             "give answers or use tokens='all'"
         )
     return collector.norms()
-
-
-class _StopAfterLastLayer(Exception):
-    pass
-
-
-def _forward_decoder_only(
-    loaded: LoadedModel, inputs: dict[str, torch.Tensor], kw: dict[str, Any]
-) -> None:
-    """Run the model up to the last decoder layer and skip the final norm and LM head."""
-
-    def stop(_mod: nn.Module, _inp: Any, _out: Any) -> None:
-        raise _StopAfterLastLayer
-
-    with HookSet() as hooks:
-        hooks.post(loaded.adapter.layers[-1], stop)
-        with suppress(_StopAfterLastLayer):
-            loaded.model(**inputs, **kw)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -370,13 +284,12 @@ def prune_masks(
 
 
 @contextmanager
-def _pruned_layer(layer_linears: dict[str, nn.Linear], masks: dict[str, torch.Tensor]):
-    """Zero a layer's masked weights for the duration, then put the originals back."""
+def _pruned_layer(layer_linears: dict[str, nn.Linear], masks: Masks):
+    """Prune a layer's linears (``apply_mask``) for the duration, then put the originals back."""
     saved = {n: m.weight.detach().clone() for n, m in layer_linears.items()}
     try:
-        with torch.no_grad():
-            for n, m in layer_linears.items():
-                m.weight.masked_fill_(masks[n], 0)
+        for n, m in layer_linears.items():
+            apply_mask(m.weight, masks[n])
         yield
     finally:
         with torch.no_grad():
@@ -413,9 +326,9 @@ def sequential_masks(
     selects: list[torch.Tensor] = []
     for batch in iter_batches(loaded, samples, cfg.batch_size):
         batch = batch.to(device)
-        rec = _record_layer_kwargs(loaded, batch.inputs)
-        states.append(rec[0])
-        kwargs.append(rec[1])
+        rec = record_layers(loaded.model, a, batch.inputs, every_input=False, final=False)
+        states.append(rec.inputs[0])
+        kwargs.append(rec.kwargs)
         selects.append(_token_selection(batch, cfg.tokens))
     masks: Masks = {}
     for layer in bar(range(a.num_layers), desc="Sequential Wanda", unit="layer"):
@@ -431,46 +344,16 @@ def sequential_masks(
         norms = collector.norms()
         for n, v in norms.items():
             check_finite(n, v)
-        bool_masks = {
-            n: mask_from_scores(wanda_score(m.weight, norms[n]), cfg) for n, m in linears.items()
-        }
-        with _pruned_layer(linears, bool_masks), torch.inference_mode():
+        layer_masks = {}
+        for n, m in linears.items():
+            mask = mask_from_scores(wanda_score(m.weight, norms[n]), cfg)
+            layer_masks[n] = PackedMask.pack(mask, mask_count(mask.shape, cfg))
+        with _pruned_layer(linears, layer_masks), torch.inference_mode():
             states = [
                 run_layer(a.layers[layer], states[b], kwargs[b][layer]) for b in range(len(states))
             ]
-        masks.update(
-            {n: PackedMask.pack(m, mask_count(m.shape, cfg)) for n, m in bool_masks.items()}
-        )
+        masks.update(layer_masks)
     return masks
-
-
-def _record_layer_kwargs(
-    loaded: LoadedModel, inputs: dict[str, torch.Tensor]
-) -> tuple[torch.Tensor, list[dict[str, Any]]]:
-    """Layer 0's input and every layer's kwargs for one batch (the forward stops early)."""
-    a = loaded.adapter
-    first: dict[str, torch.Tensor] = {}
-    kwargs: list[dict[str, Any]] = [{} for _ in range(a.num_layers)]
-
-    def make_pre(i: int) -> Callable[..., None]:
-        def pre(_mod: nn.Module, args: tuple[Any, ...], kw: dict[str, Any]) -> None:
-            kw = dict(kw)
-            h = args[0] if args else kw.pop("hidden_states")
-            if i == 0:
-                first["x"] = h.detach().clone()
-            kwargs[i] = {
-                k: v
-                for k, v in kw.items()
-                if k not in ("past_key_values", "past_key_value", "cache")
-            }
-
-        return pre
-
-    with HookSet() as hooks, torch.inference_mode():
-        for i, layer in enumerate(a.layers):
-            hooks.pre(layer, make_pre(i), with_kwargs=True)
-        _forward_decoder_only(loaded, inputs, {"use_cache": False})
-    return first["x"], kwargs
 
 
 def compute_masks(
@@ -485,27 +368,3 @@ def compute_masks(
     if cfg.mode == "sequential":
         return sequential_masks(loaded, utility_samples, cfg, should_stop=should_stop)
     return prune_masks(loaded, utility_norms, cfg)
-
-
-def sparsity_report(loaded: LoadedModel, masks: Masks) -> dict[str, Any]:
-    """Achieved sparsity: overall, per layer and per module (fractions of weights pruned)."""
-    a = loaded.adapter
-    per_layer: dict[int, list[int]] = {}
-    per_module: dict[str, list[int]] = {}
-    total = [0, 0]
-    for name, mask in masks.items():
-        layer, proj = a.parse(name)
-        for acc in (
-            per_layer.setdefault(layer, [0, 0]),
-            per_module.setdefault(proj, [0, 0]),
-            total,
-        ):
-            acc[0] += mask.count
-            acc[1] += mask.numel
-    return {
-        "pruned_weights": total[0],
-        "prunable_weights": total[1],
-        "sparsity": total[0] / total[1] if total[1] else 0.0,
-        "per_layer": {l: c / n for l, (c, n) in sorted(per_layer.items())},
-        "per_module": {p: c / n for p, (c, n) in per_module.items()},
-    }

@@ -35,8 +35,9 @@ def test_cache_hits_equal_recomputation(tiny_llama, tmp_path):
     assert not other.cached  # a different config is a different entry
 
     wcfg = WandaConfig(num_samples=4)
-    n1 = pl.calibrate(tiny_llama, calib, wcfg, cache)
-    n2 = pl.calibrate(tiny_llama, calib, wcfg, cache)
+    safety, utility = pl.calibration_samples(tiny_llama, calib, wcfg)
+    n1 = pl.calibrate(tiny_llama, safety, utility, wcfg, cache)
+    n2 = pl.calibrate(tiny_llama, safety, utility, wcfg, cache)
     assert not n1.cached and n2.cached
     for k in n1.value.safety:
         assert torch.equal(n1.value.safety[k], n2.value.safety[k])
@@ -151,18 +152,25 @@ def test_evaluate_variants(tiny_llama, tmp_path):
     calib = small_calib()
     cache = ResultCache(tmp_path)
     wcfg = WandaConfig(num_samples=4, sparsity=0.5)
-    norms = pl.calibrate(tiny_llama, calib, wcfg, cache).value
+    safety, utility = pl.calibration_samples(tiny_llama, calib, wcfg)
+    norms = pl.calibrate(tiny_llama, safety, utility, wcfg, cache).value
     scores = pl.attribute(
         tiny_llama,
         pl.probe_prompts(tiny_llama, calib, ShipsConfig(num_samples=3)),
         ShipsConfig(num_samples=3),
         cache,
     ).value
+    masks = pl.prune(tiny_llama, norms, utility, wcfg).value
     v = Variants(tiny_llama, scratch=tmp_path / "scratch")
-    pl.prune(v, norms, calib, wcfg)
+    v.install(masks)
     rs = pl.realign(
-        v, scores, RealignConfig(top_h=4, p=0.2, q=0.8, max_p=0.9), pl.rank_cache(v, norms)
+        tiny_llama,
+        masks,
+        scores,
+        RealignConfig(top_h=4, p=0.2, q=0.8, max_p=0.9),
+        pl.rank_cache(v, norms),
     ).value
+    v.install(masks, rs)
     assert rs.count > 0 and v.current == "original"
     ev = [s for s in builtin_eval() if s.harmful][:2] + [
         s for s in builtin_eval() if not s.harmful

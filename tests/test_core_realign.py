@@ -9,6 +9,7 @@ import torch
 
 from hsr_core.config import ConfigError, ModelSpec, RealignConfig, WandaConfig
 from hsr_core.data import builtin_calibration
+from hsr_core.heads import Head
 from hsr_core.models import ATTN_PROJS, load_model
 from hsr_core.realign import RankCache, head_rank_points, restore_set
 from hsr_core.variants import VariantError, Variants
@@ -111,7 +112,7 @@ def test_restored_weights_lie_in_selected_heads_only(tiny_mha):
         )
         assert set(idx.tolist()) <= allowed
         assert masks[name].unpack().reshape(-1)[idx].all()  # only pruned weights come back
-    assert set(rs.per_head) == {f"{l}-{h}" for l, h in heads}
+    assert set(rs.per_head) == {Head(l, h) for l, h in heads}
     assert sum(rs.per_module.values()) == rs.count
 
 
@@ -126,7 +127,7 @@ def test_head_rank_points(tiny_llama):
     per_head = a.head_dim * a.hidden_size * 4
     assert pts["total"] == per_head and pts["proj"].shape == (per_head,)
     assert pts["proj"].unique().tolist() == [0, 1, 2, 3]
-    assert int(pts["restored"].sum()) == sum(rs.per_head[f"{head[0]}-{head[1]}"].values())
+    assert int(pts["restored"].sum()) == rs.restored_in(head) == sum(rs.per_head[head].values())
     assert ((pts["safety"] >= 0) & (pts["safety"] < 1)).all()
     small = head_rank_points(tiny_llama, masks, ranks, head, cfg, max_points=100)
     assert small["safety"].numel() == 100

@@ -10,13 +10,12 @@ import torch
 from hsr_core.config import ShipsConfig
 from hsr_core.data import Sample, builtin_calibration, encode_one, with_typographic_images
 from hsr_core.hooks import HookSet, count_hooks, head_ablation, record_layers
+from hsr_core.heads import all_heads, top_heads
 from hsr_core.ships import (
     ablated_finals,
-    all_heads,
     principal_angle_sum,
     read_heads_jsonl,
     ships_scores,
-    top_heads,
     write_heads_jsonl,
 )
 

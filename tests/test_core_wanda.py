@@ -8,14 +8,13 @@ import torch
 from hsr_core.config import ConfigError, WandaConfig
 from hsr_core.data import builtin_calibration, encode_one
 from hsr_core.hooks import HookSet
+from hsr_core.masks import PackedMask, sparsity_report
 from hsr_core.wanda import (
-    PackedMask,
     kth_smallest,
     mask_count,
     mask_from_scores,
     prune_masks,
     sequential_masks,
-    sparsity_report,
     wanda_norms,
     wanda_score,
 )
