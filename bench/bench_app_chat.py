@@ -38,8 +38,7 @@ from conftest_app import (  # noqa: E402
     running_app,
 )
 
-from hsr_core.chat import GenerationSettings  # noqa: E402
-from hsr_core.config import ModelSpec  # noqa: E402
+from hsr_core.config import GenerationSettings, ModelSpec  # noqa: E402
 from hsr_core.models import load_model  # noqa: E402
 
 VARIANTS = ("original", "pruned", "realigned")

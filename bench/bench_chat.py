@@ -1,8 +1,9 @@
 """Chat: tokens per second of each column against plain ``model.generate``, and peak memory.
 
-The three columns are streamed through the Chat tab's own code (``ui.chat.stream_columns``:
-the app's model thread runs ``Variants.use(name)`` around ``hsr_core.chat.generate_reply``
-with its streamer and per-token stop check), one after the other, variant switch included in
+The three columns are streamed through the chat turn engine the Chat tab uses
+(``hsr_core.chat.stream_columns`` run by the app's model thread, ``ui.workbench.MODEL_THREAD``:
+``Variants.use(name)`` around ``generate_reply`` with its streamer and per-token stop check),
+one after the other, variant switch included in
 each column's time. The baseline is plain greedy ``model.generate`` on the same model, prompts
 and settings (``max_new_tokens``, greedy), in the same model thread. Tokens are counted
 exactly: the stopping criterion runs once per generated token, and the baseline counts its
@@ -50,14 +51,16 @@ from bench_variants import (  # noqa: E402
     rss_anon,
 )
 
-from hsr_core.chat import GenerationSettings, chat_inputs  # noqa: E402
-from hsr_core.config import ModelSpec, RealignConfig  # noqa: E402
+from hsr_core.chat import chat_inputs, stream_columns  # noqa: E402
+from hsr_core.config import GenerationSettings, ModelSpec, RealignConfig  # noqa: E402
 from hsr_core.data import builtin_eval  # noqa: E402
 from hsr_core.models import load_model  # noqa: E402
 from hsr_core.realign import RankCache, restore_set  # noqa: E402
-from hsr_core.variants import Variants  # noqa: E402
-from ui.chat import VARIANTS, stream_columns  # noqa: E402
-from ui.session import MODEL_THREAD  # noqa: E402
+from hsr_core.variants import VARIANTS, Variants  # noqa: E402
+from hsr_core.worker import ModelThread  # noqa: E402
+
+MODEL_THREAD = ModelThread()
+"""The benchmark's model thread (the app has one of its own, ``ui.workbench.MODEL_THREAD``)."""
 
 TOKS_TARGET = 0.6
 MEMORY_TARGET = 1.3
@@ -123,7 +126,7 @@ def chat_columns(
     for text in texts:
         jobs = [(v, [{"role": "user", "content": text}]) for v in VARIANTS]
         t0 = time.perf_counter()
-        for r in stream_columns(lambda: variants, jobs, settings, lock=lock):
+        for r in stream_columns(lambda: variants, jobs, settings, runner=MODEL_THREAD, lock=lock):
             if r.done:
                 totals[r.variant][0] += r.tokens
                 totals[r.variant][1] += r.seconds

@@ -38,11 +38,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from hsr_core.config import ModelSpec, WandaConfig  # noqa: E402
 from hsr_core.data import Batch  # noqa: E402
+from hsr_core.heads import all_heads  # noqa: E402
 from hsr_core.hooks import head_ablation, record_layers  # noqa: E402
+from hsr_core.masks import PackedMask  # noqa: E402
 from hsr_core.models import LoadedModel, build_adapter, load_model  # noqa: E402
-from hsr_core.ships import ablated_finals, all_heads  # noqa: E402
+from hsr_core.ships import ablated_finals  # noqa: E402
 from hsr_core.wanda import (  # noqa: E402
-    PackedMask,
     _NormCollector,
     lowest_k,
     mask_count,

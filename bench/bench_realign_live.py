@@ -5,7 +5,7 @@ trained yet) on the CPU through the app's handlers, takes Ships scores and Wanda
 built-in data from the result cache (``$HSR_CACHE_DIR``; computed the first time, with the
 app's CPU defaults so that the app and this script share the cache), prunes at 50 %, ranks the
 attention weights once, and then times
-a series of slider moves through ``ui.handlers.realign``, the Realign tab's handler itself
+a series of slider moves through ``ui.tabs.realign.realign``, the Realign tab's handler itself
 (``restore_set`` over the shared rank cache, ``head_rank_points`` and the three figures), plus
 the JSON encoding gradio does to send the figures. Not a test:
 
@@ -65,7 +65,7 @@ def main() -> int:
         "--threads",
         type=int,
         default=None,
-        help="torch threads of the live view (default: the app's setting, ui.handlers.LIVE_THREADS)",
+        help="torch threads of the live view (default: the app's setting, ui.tabs.realign.LIVE_THREADS)",
     )
     args = ap.parse_args()
     os.environ.setdefault("TQDM_DISABLE", "1")
@@ -74,27 +74,28 @@ def main() -> int:
     import torch
 
     from hsr_core.config import RealignConfig
-    from ui import handlers
-    from ui.session import WORKBENCH, Session
+    from ui.session import Session
+    from ui.tabs import attribute, model, prune, realign
+    from ui.workbench import WORKBENCH
 
     if args.threads is not None:
-        handlers.LIVE_THREADS = args.threads
+        realign.LIVE_THREADS = args.threads
     name = args.model or pick_model()
     # the app's own handlers, called as gradio would call them (no server)
     t0 = time.perf_counter()
-    state = handlers.load_model(name, "auto", "cpu", Session())["state"]
+    state = model.load_model(name, "auto", "cpu", Session())["state"]
     a = WORKBENCH.loaded.adapter
     print(
         f"model {name}: {a.num_layers} layers x {a.num_heads} heads ({a.num_kv_heads} KV), "
         f"loaded in {time.perf_counter() - t0:.1f} s; torch threads {torch.get_num_threads()}, "
-        f"live view threads {handlers.LIVE_THREADS}"
+        f"live view threads {realign.LIVE_THREADS}"
     )
     t0 = time.perf_counter()
-    out = handlers.attribute(args.ships_samples, "zero", "angle", 1, False, state, None)
+    out = attribute.attribute(args.ships_samples, "zero", "angle", 1, False, state, None)
     state = out["state"]
     print(f"Ships ({time.perf_counter() - t0:.1f} s): {out['ships_status']}")
     t0 = time.perf_counter()
-    out = handlers.prune(0.5, "unstructured", "one-shot", args.calib_samples, False, state, None)
+    out = prune.prune(0.5, "unstructured", "one-shot", args.calib_samples, False, state, None)
     state = out["state"]
     print(f"Prune and rank ({time.perf_counter() - t0:.1f} s): {out['prune_status']}")
 
@@ -102,7 +103,7 @@ def main() -> int:
     base = RealignConfig()
 
     def move(cfg: RealignConfig) -> dict:
-        return handlers.realign(cfg.p, cfg.q, cfg.max_p, cfg.top_h, cfg.slicing, "0-0", state)
+        return realign.realign(cfg.p, cfg.q, cfg.max_p, cfg.top_h, cfg.slicing, "0-0", state)
 
     move(base)  # warm-up: the first call unpacks the masks of the selected layers
 

@@ -90,5 +90,3 @@ def model_card(
         if evaluation.get("rsr") is not None:
             lines += ["", f"Refusal restoration rate (RSR): {evaluation['rsr']:.1%}."]
     return "\n".join(lines) + "\n"
-
-

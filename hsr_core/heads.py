@@ -39,11 +39,11 @@ class Head(NamedTuple):
             raise ValueError(f"{text!r} is not a head; write it as layer-head, e.g. 3-1") from None
         if layer < 0 or head < 0:
             raise ValueError(f"{text!r} is not a head: layer and head count from 0")
-        if num_layers is not None and num_heads is not None:
-            if not (layer < num_layers and head < num_heads):
-                raise ValueError(
-                    f"head {text} is outside the model's {num_layers} layers x {num_heads} heads"
-                )
+        known = num_layers is not None and num_heads is not None
+        if known and not (layer < num_layers and head < num_heads):
+            raise ValueError(
+                f"head {text} is outside the model's {num_layers} layers x {num_heads} heads"
+            )
         return cls(layer, head)
 
 

@@ -15,6 +15,7 @@ are re-exported here, in ``__all__`` (a test reads ``ui/``'s imports).
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import time
@@ -55,7 +56,7 @@ from .ships import read_heads_jsonl, ships_scores, write_heads_jsonl
 from .store import ResultCache, default_cache_dir, folder_fingerprint
 from .variants import VARIANTS, VariantError, Variants
 from .wanda import compute_masks, wanda_norms
-from .worker import ModelThread
+from .worker import ModelThread, torch_threads
 
 __all__ = [
     # steps
@@ -64,6 +65,7 @@ __all__ = [
     "calibration_samples",
     "evaluate",
     "export_variant",
+    "free_memory",
     "head_rank_points",
     "model_card",
     "prepare_model",
@@ -105,13 +107,25 @@ __all__ = [
     "is_refusal",
     "sparsity_report",
     "top_heads",
+    "torch_threads",
     # errors a user can act on
     "ArchitectureError",
     "Cancelled",
     "DataError",
     "ModelLoadError",
+    "OutOfMemoryError",
     "VariantError",
 ]
+
+
+OutOfMemoryError = torch.OutOfMemoryError
+
+
+def free_memory() -> None:
+    """Hand freed memory back (garbage collection, and the GPU's cache where there is one)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def prepare_model(

@@ -20,8 +20,9 @@ from __future__ import annotations
 import contextvars
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -87,3 +88,24 @@ class ModelThread:
             executor, self._executor, self._ident = self._executor, None, None
         if executor is not None:
             executor.shutdown(wait=True)
+
+
+@contextmanager
+def torch_threads(count: int, device: Any = None) -> Iterator[None]:
+    """Run the body with ``count`` torch threads when ``device`` is the CPU (or None), then
+    restore the previous count; on other devices it does nothing.
+
+    Many small tensor operations (the Realign tab's live view) lose more to thread hand-offs
+    than they gain from threads; see ``bench/bench_realign_live.py --threads``.
+    """
+    import torch
+
+    if getattr(device, "type", "cpu") != "cpu" or torch.get_num_threads() == count:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

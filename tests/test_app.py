@@ -88,7 +88,7 @@ def test_building_the_demo_loads_no_model() -> None:
     import gradio as gr
 
     from ui.layout import build_demo
-    from ui.session import WORKBENCH
+    from ui.workbench import WORKBENCH
 
     t0 = time.perf_counter()
     demo = build_demo()
@@ -102,8 +102,9 @@ def test_model_events_run_in_the_model_thread() -> None:
     streaming chat handlers, which submit their turns there themselves (test_chat)."""
     import inspect
 
-    from ui.layout import MODEL, build_demo
-    from ui.session import MODEL_THREAD
+    from ui.events import MODEL
+    from ui.layout import build_demo
+    from ui.workbench import MODEL_THREAD
 
     demo = build_demo()
     model_fns = [f for f in demo.fns.values() if f.concurrency_id == MODEL["concurrency_id"]]
@@ -113,15 +114,15 @@ def test_model_events_run_in_the_model_thread() -> None:
         streaming = inspect.isgeneratorfunction(f.fn)
         assert streaming or getattr(f.fn, "on_model_thread", False), f.name
     # and a wrapped handler really runs there
-    from ui.layout import _on_model_thread
+    from ui.events import on_model_thread
 
-    ran = _on_model_thread(lambda: threading.get_ident())()
+    ran = on_model_thread(lambda: threading.get_ident())()
     assert ran == MODEL_THREAD.ident() != threading.get_ident()
 
 
 def test_column_mapping_and_data_specs() -> None:
-    from hsr_core.config import ConfigError
-    from ui.handlers import data_spec, parse_columns
+    from hsr_core.config import ConfigError, parse_columns
+    from ui.tabs.model import data_spec
 
     assert parse_columns("prompt=instruction, response=output") == (
         ("prompt", "instruction"),
@@ -139,11 +140,11 @@ def test_column_mapping_and_data_specs() -> None:
 
 
 def test_invalid_realign_config_is_a_message() -> None:
-    from ui.handlers import _realign_config
+    from ui.tabs.realign import realign_config
 
-    cfg, problem = _realign_config(0.8, 0.5, 0.7, 4, "head")
+    cfg, problem = realign_config(0.8, 0.5, 0.7, 4, "head")
     assert cfg is None and "must not exceed max_p" in problem
-    cfg, problem = _realign_config(0.5, 0.5, 0.7, 4, "head")
+    cfg, problem = realign_config(0.5, 0.5, 0.7, 4, "head")
     assert cfg is not None and cfg.top_h == 4 and problem == ""
 
 
@@ -206,7 +207,7 @@ def test_sparsity_and_restored_charts() -> None:
 def test_out_of_memory_is_explained() -> None:
     import torch
 
-    from ui.handlers import explain
+    from ui.events import explain
 
     title, message = explain(torch.OutOfMemoryError("CUDA out of memory"))
     assert title == "Out of memory" and "smaller model" in message
@@ -214,9 +215,10 @@ def test_out_of_memory_is_explained() -> None:
 
 
 def test_gpu_steps_use_spaces_when_it_is_there(monkeypatch: pytest.MonkeyPatch) -> None:
-    from ui import handlers
+    from ui import events
+    from ui.tabs import attribute
 
-    assert handlers.gpu(60)(len) is len  # no spaces package: nothing changes
+    assert events.gpu(60)(len) is len  # no spaces package: nothing changes
     seen = []
 
     class FakeSpaces:
@@ -225,14 +227,14 @@ def test_gpu_steps_use_spaces_when_it_is_there(monkeypatch: pytest.MonkeyPatch) 
             seen.append(duration)
             return lambda fn: fn
 
-    monkeypatch.setattr(handlers, "spaces", FakeSpaces)
-    handlers.gpu(handlers._ships_seconds)(len)
-    assert seen == [handlers._ships_seconds]
-    assert handlers._ships_seconds(128, "zero", "angle") == 286
+    monkeypatch.setattr(events, "spaces", FakeSpaces)
+    events.gpu(attribute._ships_seconds)(len)
+    assert seen == [attribute._ships_seconds]
+    assert attribute._ships_seconds(128, "zero", "angle") == 286
 
 
 def test_eta_is_added_to_the_progress_text() -> None:
-    from ui.handlers import show_eta
+    from ui.events import show_eta
 
     class Bar:
         def __init__(self) -> None:

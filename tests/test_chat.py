@@ -15,10 +15,8 @@ import os
 import re
 import subprocess
 import sys
-import threading
 import time
 import zipfile
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -58,7 +56,7 @@ COLUMNS = ("original", "pruned", "realigned")
 
 def test_generation_settings_are_checked() -> None:
     from hsr_core.config import ConfigError
-    from ui.chat import generation_settings
+    from ui.tabs.chat import generation_settings
 
     s = generation_settings("Be brief.", 32, 0.7, 0.9, 3)
     assert (s.system_prompt, s.max_new_tokens, s.temperature, s.top_p, s.seed) == (
@@ -104,7 +102,7 @@ def header(content: str) -> tuple[str, str, str] | None:
 
 
 def test_each_column_continues_its_own_conversation() -> None:
-    from ui.chat import history_for
+    from ui.tabs.chat import history_for
 
     turns = [
         {
@@ -124,7 +122,7 @@ def test_each_column_continues_its_own_conversation() -> None:
 
 
 def test_answers_carry_the_verdict_and_their_settings() -> None:
-    from ui.chat import describe_settings, render
+    from ui.tabs.chat import describe_settings, render
 
     realigned = {
         "sparsity": 0.5,
@@ -161,9 +159,9 @@ def test_answers_carry_the_verdict_and_their_settings() -> None:
 
 
 def test_examples_cover_harmful_borderline_and_benign_prompts() -> None:
-    from ui.chat import example_prompts
+    from hsr_core.pipeline import builtin_examples
 
-    examples = example_prompts()
+    examples = builtin_examples()
     kinds = [k for k, _, _ in examples]
     assert kinds == ["harmful"] * 3 + ["borderline"] * 3 + ["benign"] * 3
     assert all(prompt for _, _, prompt in examples)

@@ -23,6 +23,8 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
+from hsr_core import pipeline
+
 PROJ_COLORS = {
     "q_proj": "#4C78A8",
     "k_proj": "#F58518",
@@ -94,25 +96,9 @@ def placeholder(message: str, *, height: int = 320) -> go.Figure:
     )
 
 
-def head_label(layer: int, head: int) -> str:
-    return f"{layer}-{head}"
-
-
-def parse_head(text: str, num_layers: int, num_heads: int) -> tuple[int, int]:
-    """``"l-h"`` -> ``(l, h)``, checked against the model's geometry.
-
-    Raises:
-        ValueError: with a message that says what a head looks like.
-    """
-    try:
-        layer, head = (int(x) for x in str(text).strip().split("-"))
-    except ValueError:
-        raise ValueError(f"{text!r} is not a head; write it as layer-head, e.g. 3-1") from None
-    if not (0 <= layer < num_layers and 0 <= head < num_heads):
-        raise ValueError(
-            f"head {text} is outside the model's {num_layers} layers x {num_heads} heads"
-        )
-    return layer, head
+def score_label(metric: str) -> str:
+    """The unit of a Ships score (``angle`` or ``kl``), for axes and colour bars."""
+    return "angle (deg)" if metric == "angle" else "KL (nats)"
 
 
 def _legend_top() -> dict[str, Any]:
@@ -198,24 +184,22 @@ def heads_heatmap(
 
 
 def ranking_table(scores: np.ndarray | None, top: int | None = None) -> pd.DataFrame:
-    """Heads ranked by score, best first (NaN last): rank, head "l-h", layer, head, score.
+    """Heads ranked by score, best first (the core's ranking, ``top_heads``: NaN last, ties by
+    layer and head): rank, head "l-h", layer, head, score.
 
     ``scores`` is ``[num_layers, num_heads]``; None gives the empty table.
     """
     if scores is None:
         return pd.DataFrame(columns=["rank", "head", "layer", "head index", "score"])
     scores = np.asarray(scores, dtype=float)
-    L, H = scores.shape
-    flat = np.where(np.isnan(scores), -np.inf, scores).reshape(-1)
-    order = np.argsort(-flat, kind="stable")[: top or flat.size]
-    layers, heads = order // H, order % H
+    order = pipeline.top_heads(scores, top)
     return pd.DataFrame(
         {
-            "rank": np.arange(1, order.size + 1),
-            "head": [head_label(int(l), int(h)) for l, h in zip(layers, heads, strict=True)],
-            "layer": layers,
-            "head index": heads,
-            "score": np.round(scores.reshape(-1)[order], 5),
+            "rank": np.arange(1, len(order) + 1),
+            "head": [h.label for h in order],
+            "layer": np.array([h.layer for h in order], dtype=int),
+            "head index": np.array([h.head for h in order], dtype=int),
+            "score": np.round([scores[h] for h in order], 5),
         }
     )
 
@@ -327,7 +311,7 @@ def head_ranks_figure(
     bins: int = 40,
     max_restored_points: int = 3000,
 ) -> go.Figure:
-    """One head's weights on utility-rank vs safety-rank axes (spec section 4).
+    """One head's weights on utility-rank vs safety-rank axes (docs/METHOD.md, "HSR").
 
     The background is a 2-D histogram of the head's weights, shaded by the share of them the
     mask pruned; the R band (utility rank in ``[p, max_p)``, safety rank below ``q``) is the

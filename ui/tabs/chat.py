@@ -1,49 +1,41 @@
-"""The Chat tab: one message, three answers side by side (original | pruned | realigned).
+"""Tab 5, Chat: one message, three answers side by side (original | pruned | realigned).
 
-One copy of the weights serves the three columns. For each turn the app's model thread
-(``ui.session.MODEL_THREAD``, where every model step runs) takes the workbench lock, puts the
-session's masks and restore set into the shared variants (``Workbench.install``) and generates
-the replies one after the other, each inside ``Variants.use(name)``
-(``hsr_core.chat.generate_reply``), with the same generation settings and seed, so the answers
-differ only because of the weights. The gradio handler reads the text from a queue and yields
+One copy of the weights serves the three columns. Each turn is the core's turn engine
+(``pipeline.stream_columns``) run in the app's model thread (``ui.workbench.MODEL_THREAD``,
+where every model step runs): under the workbench lock it puts the session's masks and restore
+set into the shared variants (``Workbench.install``) and generates the replies one after the
+other, each inside ``Variants.use(name)``, with the same generation settings and seed, so the
+answers differ only because of the weights. The gradio handler only reads the text and yields
 it: gradio may run each step of a generator on another thread, so the lock and the variant
 switch stay in the model thread, never across a ``yield``.
 
 Stop sets the session's flag (the same as ``/stop``), which the stopping criterion reads after
 every token; the column that is generating ends there and the rest of the turn is skipped.
 
-Each answer carries the refusal judge's verdict (``hsr_core.evaluate.is_refusal``) and the
+Each answer carries the refusal judge's verdict (``pipeline.is_refusal``) and the
 settings that produced it (the variant's Wanda / HSR settings and restored count), shown as a
 badge and a line above its text, and the conversation exports as JSON with all of it.
 """
 
 from __future__ import annotations
 
-import functools
 import html
 import json
-import queue
-import threading
-import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import wait
-from contextlib import AbstractContextManager, ExitStack, nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import gradio as gr
 
-from hsr_core.chat import GenerationSettings
-from hsr_core.config import ConfigError, to_dict
-from ui import handlers
-from ui.session import MODEL_THREAD, WORKBENCH, Session, download_dir
+from hsr_core import pipeline
+from hsr_core.config import ConfigError, GenerationSettings, to_dict
+from ui import events
+from ui.session import Session, variant_settings
+from ui.workbench import MODEL_THREAD, WORKBENCH, download_dir
 
-if TYPE_CHECKING:
-    from hsr_core.variants import Variants
-
-VARIANTS = ("original", "pruned", "realigned")
+VARIANTS = pipeline.VARIANTS
 
 STREAM_INTERVAL_S = 0.1
 """Streamed text goes to the browser at most this often per column (each update re-renders
@@ -53,146 +45,6 @@ Turn = dict[str, Any]
 """One exchange: ``{"user", "image", "model", "generation", "answers": {variant: answer}}``;
 an answer is ``{"status", "text", "refusal", "tokens", "seconds", "tokens_per_s", "stopped",
 "settings", "note"}`` (plain JSON, so the conversation exports as it is)."""
-
-
-# ---------------------------------------------------------------------------------------------
-# streaming the three columns (the handler and bench/bench_chat.py share this)
-
-
-@dataclass
-class Reply:
-    """One event of a turn: the text of ``variant`` so far, or (``done``) its final text.
-
-    Attributes:
-        variant: which column.
-        text: the reply so far.
-        done: the reply is complete (``tokens``, ``seconds`` and ``stopped`` are set).
-        tokens: tokens generated (the stopping criterion runs once per token).
-        seconds: wall time of the column, the switch to its variant included.
-        stopped: generation ended because the stop flag was set.
-    """
-
-    variant: str
-    text: str
-    done: bool = False
-    tokens: int = 0
-    seconds: float = 0.0
-    stopped: bool = False
-
-
-def stream_columns(
-    install: Callable[[], Variants],
-    jobs: Sequence[tuple[str, Sequence[dict[str, Any]]]],
-    settings: GenerationSettings,
-    *,
-    image: Any | None = None,
-    should_stop: Callable[[], bool] | None = None,
-    lock: AbstractContextManager | None = None,
-    runner: Any = None,
-    min_interval: float = 0.0,
-) -> Iterator[Reply]:
-    """Stream the replies of several variants, one after the other, generated in one thread.
-
-    Args:
-        install: called in the worker under ``lock``; returns the variants to switch (the app
-            installs the session's masks and restore set here).
-        jobs: ``(variant, history)`` pairs in order; each history ends with the user message.
-        settings: generation settings, the same for every variant (seed included).
-        image: an image for vision-language models (a PIL image or a file path).
-        should_stop: polled after every token; once True the current reply ends and the
-            remaining jobs are skipped.
-        lock: held by the worker for the whole turn (the workbench lock).
-        runner: what runs the turn: anything with ``submit(fn) -> Future``; by default the
-            app's model thread (``ui.session.MODEL_THREAD``).
-        min_interval: at least this many seconds between two events; text that comes sooner
-            is held back (newer text replaces it) and sent when the interval is up, whether or
-            not newer text came (``done`` events go at once).
-
-    Yields:
-        ``Reply`` events: the text so far (several pending updates of one reply are merged
-        into the newest), and one ``done`` event per finished reply.
-
-    The variants are entered one inside the other, so that ``pruned`` -> ``realigned`` writes
-    back only the restored weights and the dense weights are copied back once, after the last
-    reply, rather than after every reply. Leaving the iterator early stops generation and waits
-    for the worker.
-    """
-    from hsr_core.chat import generate_reply
-
-    events: queue.Queue = queue.Queue()
-    abandoned = threading.Event()
-
-    def stop() -> bool:
-        return abandoned.is_set() or bool(should_stop and should_stop())
-
-    def put_text(name: str, text: str) -> None:
-        events.put(Reply(name, text))
-
-    def work() -> None:
-        try:
-            with lock or nullcontext(), ExitStack() as variants_used:
-                variants = install()
-                for name, history in jobs:
-                    if stop():
-                        break
-                    tokens = 0
-
-                    def per_token() -> bool:
-                        nonlocal tokens
-                        tokens += 1
-                        return stop()
-
-                    t0 = time.perf_counter()
-                    # nested: each variant is entered from the one before (pruned -> realigned
-                    # restores a few weights); all are left together at the end of the turn
-                    loaded = variants_used.enter_context(variants.use(name))
-                    text = generate_reply(
-                        loaded,
-                        history,
-                        settings,
-                        on_text=functools.partial(put_text, name),
-                        image=image,
-                        should_stop=per_token,
-                    )
-                    stopped = stop()
-                    seconds = time.perf_counter() - t0
-                    events.put(Reply(name, text, True, tokens, seconds, stopped))
-        except BaseException as e:  # raised in the caller's thread
-            events.put(e)
-        finally:
-            events.put(None)
-
-    finished = (runner or MODEL_THREAD).submit(work)
-    pending: Reply | None = None  # the newest text not sent yet
-    sent = float("-inf")
-    try:
-        while True:
-            wait_s = None if pending is None else max(0.0, sent + min_interval - time.monotonic())
-            try:
-                batch = [events.get(timeout=wait_s)]
-            except queue.Empty:  # no new text for a while: send the one held back
-                yield pending
-                pending, sent = None, time.monotonic()
-                continue
-            while not events.empty():  # the consumer fell behind: send only the newest text
-                batch.append(events.get_nowait())
-            for item in batch:
-                if item is None:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                if item.done:  # carries the reply's final text
-                    pending = None
-                    yield item
-                    sent = time.monotonic()
-                else:
-                    pending = item
-            if pending is not None and time.monotonic() - sent >= min_interval:
-                yield pending
-                pending, sent = None, time.monotonic()
-    finally:
-        abandoned.set()
-        wait([finished])  # the turn's exceptions already came through the queue
 
 
 # ---------------------------------------------------------------------------------------------
@@ -226,39 +78,6 @@ def generation_settings(
             raise ConfigError(f"{name} must be a whole number, got {value!r}")
         values[name] = kind(number)
     return GenerationSettings(system_prompt=str(system_prompt or ""), **values)
-
-
-def variant_settings(state: Session, variant: str) -> dict[str, Any] | None:
-    """What defines ``variant`` in this session now (None when it does not exist yet)."""
-    if variant == "original":
-        return {"weights": "dense"}
-    if state.masks is None or state.wanda is None:
-        return None
-    w = state.wanda
-    pruned = {
-        "sparsity": w.sparsity if w.structure == "unstructured" else w.target_sparsity,
-        "structure": "unstructured" if w.structure == "unstructured" else f"{w.n}:{w.m}",
-        "mode": w.mode,
-        "calib_samples": w.num_samples,
-        "achieved_sparsity": (state.sparsity or {}).get("sparsity"),
-        "pruned_weights": (state.sparsity or {}).get("pruned_weights"),
-    }
-    if variant == "pruned":
-        return pruned
-    if state.restore is None or state.realign is None:
-        return None
-    r, rs = state.realign, state.restore
-    return {
-        **pruned,
-        "p": r.p,
-        "q": r.q,
-        "max_p": r.max_p,
-        "top_h": r.top_h,
-        "slicing": r.slicing,
-        "restored": rs.count,
-        "restored_per_10k_pruned": round(rs.per_10k_pruned, 4),
-        "selected_heads": [f"{l}-{h}" for l, h in rs.heads],
-    }
 
 
 def describe_settings(variant: str, s: dict[str, Any] | None) -> str:
@@ -389,28 +208,6 @@ def _columns(turns: Sequence[Turn], state: Session | None = None) -> dict[str, A
 # handlers
 
 
-def _reraise(exc: BaseException) -> None:
-    raise exc
-
-
-def stream_errors(step: str) -> Callable[[Callable], Callable]:
-    """``handlers.user_errors`` for generator handlers (errors raised while streaming)."""
-
-    def deco(fn: Callable) -> Callable:
-        @functools.wraps(fn)
-        def run(*args: Any, **kwargs: Any) -> Iterator[Any]:
-            try:
-                yield from fn(*args, **kwargs)
-            except gr.Error:
-                raise
-            except Exception as e:
-                handlers.user_errors(step)(_reraise)(e)
-
-        return run
-
-    return deco
-
-
 def _turn(
     message: str,
     image: str | None,
@@ -438,10 +235,11 @@ def _turn(
     stop_flag = WORKBENCH.stop_event(getattr(request, "session_hash", None))
     stop_flag.clear()
     jobs = [(v, history_for(earlier, v, message)) for v in VARIANTS if answers[v]["settings"]]
-    for r in stream_columns(
+    for r in pipeline.stream_columns(
         lambda: WORKBENCH.install(state),
         jobs,
         settings,
+        runner=MODEL_THREAD,
         image=image,
         should_stop=stop_flag.is_set,
         lock=WORKBENCH.lock,
@@ -450,11 +248,9 @@ def _turn(
         a = answers[r.variant]
         a.update(status="generating", text=r.text)
         if r.done:
-            from hsr_core.evaluate import is_refusal
-
             a.update(
                 status="stopped" if r.stopped else "answered",
-                refusal=is_refusal(r.text),
+                refusal=pipeline.is_refusal(r.text),
                 tokens=r.tokens,
                 seconds=round(r.seconds, 3),
                 tokens_per_s=round(r.tokens / r.seconds, 2) if r.seconds > 0 else None,
@@ -469,7 +265,7 @@ def _turn(
     yield {**_columns(turns, state), "chat_state": turns, "chat_turn": turn}
 
 
-@stream_errors("Chat")
+@events.stream_errors("Chat")
 def send(
     message: str,
     image: str | None,
@@ -490,7 +286,7 @@ def send(
     yield from _turn(message, image or None, settings, list(turns or []), state, request)
 
 
-@stream_errors("Regenerate")
+@events.stream_errors("Regenerate")
 def regenerate(
     system_prompt: str,
     max_new_tokens: float,
@@ -551,7 +347,7 @@ def conversation(turns: list[Turn], state: Session) -> dict[str, Any]:
         "achieved_sparsity": (state.sparsity or {}).get("sparsity"),
         "realign": to_dict(state.realign) if state.realign else None,
         "restored": rs.count if rs else None,
-        "selected_heads": [f"{l}-{h}" for l, h in rs.heads] if rs else None,
+        "selected_heads": [h.label for h in rs.heads] if rs else None,
         "turns": [{**t, "image": Path(t["image"]).name if t.get("image") else None} for t in turns],
     }
 
@@ -570,28 +366,6 @@ def export_conversation(turns: list[Turn], state: Session) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------------------
 # the tab
-
-KINDS = ("harmful", "borderline", "benign")
-
-
-@functools.cache
-def example_prompts(per_kind: int = 3) -> tuple[tuple[str, str, str], ...]:
-    """``(kind, category, prompt)`` examples from the built-in evaluation split: ``per_kind``
-    harmful, borderline and benign prompts, each from another category."""
-    from hsr_core.data import BUILTIN_DIR, builtin_eval
-
-    kinds = {}
-    for line in (BUILTIN_DIR / "eval.jsonl").read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            row = json.loads(line)
-            kinds[row.get("id")] = row.get("kind")
-    picked: dict[str, list[tuple[str, str, str]]] = {k: [] for k in KINDS}
-    for s in builtin_eval():
-        kind = kinds.get(s.id) or ("harmful" if s.harmful else "benign")
-        rows = picked.get(kind)
-        if rows is not None and len(rows) < per_kind and all(r[1] != s.category for r in rows):
-            rows.append((kind, s.category, s.prompt))
-    return tuple(r for k in KINDS for r in picked[k])
 
 
 def pick_example(sample: Sequence[str]) -> dict[str, Any]:
@@ -677,7 +451,7 @@ def build(c: dict[str, Any]) -> None:
                 c["chat_examples"] = gr.Dataset(
                     components=["textbox", "textbox", "textbox"],
                     headers=["kind", "category", "prompt"],
-                    samples=[list(r) for r in example_prompts()],
+                    samples=[list(r) for r in pipeline.builtin_examples()],
                     label="Examples from the built-in evaluation split (click one to send it)",
                     layout="table",
                     samples_per_page=9,
@@ -719,18 +493,16 @@ BUTTONS = ["chat_send", "chat_regen", "chat_clear"]
 
 def wire(c: dict[str, Any]) -> None:
     """The Chat tab's events."""
-    from ui import layout  # layout lists this tab, so it is imported by now
-
-    private = {"queue": False, "api_visibility": "private", "show_progress": "hidden"}
+    private = events.PRIVATE
     buttons = [c[n] for n in BUTTONS]
 
     def guarded(trigger: Any, fn: Callable, inputs: list[str], **kw: Any) -> Any:
         """Lock the chat buttons, stream ``fn``, unlock them whatever happened."""
-        locked = trigger(layout._controls(c, BUTTONS, False), outputs=buttons, **private)
-        step = layout._event(
-            c, locked.then, fn, inputs, OUTPUTS, show_progress="minimal", **layout.MODEL, **kw
+        locked = trigger(events.controls(c, BUTTONS, False), outputs=buttons, **private)
+        step = events.event(
+            c, locked.then, fn, inputs, OUTPUTS, show_progress="minimal", **events.MODEL, **kw
         )
-        step.then(layout._controls(c, BUTTONS, True), outputs=buttons, **private)
+        step.then(events.controls(c, BUTTONS, True), outputs=buttons, **private)
         return step
 
     send_inputs = ["chat_msg", "chat_image", *SETTINGS, "chat_state", "state"]
@@ -740,7 +512,7 @@ def wire(c: dict[str, Any]) -> None:
         send_inputs,
         api_name="chat",
     )
-    picked = layout._event(
+    picked = events.event(
         c, c["chat_examples"].click, pick_example, ["chat_examples"], ["chat_msg"], **private
     )
     guarded(picked.then, send, send_inputs, api_visibility="private")
@@ -751,21 +523,21 @@ def wire(c: dict[str, Any]) -> None:
         api_name="chat_regenerate",
     )
     c["chat_stop"].click(
-        handlers.stop, api_visibility="private", concurrency_limit=None, show_progress="hidden"
+        events.stop, api_visibility="private", concurrency_limit=None, show_progress="hidden"
     )
     cleared = [*OUTPUTS[:3], "chat_state", "chat_turn", "chat_file"]
-    layout._event(c, c["chat_clear"].click, clear, [], cleared, api_name="chat_clear")
+    events.event(c, c["chat_clear"].click, clear, [], cleared, api_name="chat_clear")
     for v in VARIANTS:  # a column's own trash button clears the whole conversation
-        layout._event(c, c[f"chat_{v}"].clear, clear, [], cleared, **private)
-    layout._event(
+        events.event(c, c[f"chat_{v}"].clear, clear, [], cleared, **private)
+    events.event(
         c,
         c["chat_export"].click,
-        handlers.user_errors("Export conversation")(export_conversation),
+        events.user_errors("Export conversation")(export_conversation),
         ["chat_state", "state"],
         ["chat_file"],
         api_name="chat_export",
     ).success(lambda: gr.update(visible=True), outputs=c["chat_file"], **private)
-    layout._event(
+    events.event(
         c,
         c["chat_tab"].select,
         view,

@@ -1,0 +1,230 @@
+"""The one shared model of the process (``Workbench``), the model thread, and download folders.
+
+``Workbench`` is process-wide: the ``LoadedModel``, its ``Variants`` (one copy of the weights,
+switched between original, pruned and realigned), the on-disk ``ResultCache`` of Ships scores
+and norm vectors, the loaded calibration data, norm vectors and ``RankCache``s kept in memory,
+the per-session Stop flags, and a lock. Every event that touches the model runs in one gradio
+concurrency group of size 1 *and* under that lock, so two tabs never interleave. It owns the
+variants: before a session's request uses the weights, ``Workbench.install`` puts that
+session's masks and restore set into them (``Variants.install``).
+
+``MODEL_THREAD`` is the one thread in which all of that model work runs (see
+``hsr_core.worker`` for why one thread). The core is reached through ``hsr_core.pipeline`` only.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from hsr_core import pipeline
+from hsr_core.config import ModelSpec, WandaConfig, fingerprint
+from ui.session import DataSpec, Session, SessionError
+
+LIVE_CACHE_MAX_WEIGHTS = pipeline.KEEP_MASKS_MAX_WEIGHTS
+"""Models with at most this many attention weights (SmolLM2-135M: 26.5 M) rank every attention
+projection right after pruning and keep the unpacked masks (``RankCache``), so every slider
+move of the Realign tab is fast; bigger models rank the layers of the selected heads on first
+use and unpack masks on every move."""
+
+
+def model_key(spec: ModelSpec) -> str:
+    """Identity of a loaded model: two tabs asking for the same spec share it."""
+    return fingerprint(spec)
+
+
+class _Lru(OrderedDict):
+    """A dict that forgets its oldest entries beyond ``size``."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size = size
+
+    def put(self, key: str, value: Any) -> Any:
+        self[key] = value
+        self.move_to_end(key)
+        while len(self) > self.size:
+            self.popitem(last=False)
+        return value
+
+    def hit(self, key: str) -> Any | None:
+        if key in self:
+            self.move_to_end(key)
+            return self[key]
+        return None
+
+
+class Workbench:
+    """The process-wide model and everything derived from it that sessions share.
+
+    Args:
+        cache_root: the project's cache root (default ``$HSR_CACHE_DIR`` or
+            ``~/.cache/hsr-workbench``); holds built-in models, cached results and the
+            variants' scratch file.
+    """
+
+    def __init__(self, cache_root: Path | None = None) -> None:
+        self.cache_root = Path(cache_root or pipeline.default_cache_dir())
+        self.lock = threading.RLock()
+        self.loaded: pipeline.LoadedModel | None = None
+        self.variants: pipeline.Variants | None = None
+        self.model_key: str | None = None
+        self._cache: pipeline.ResultCache | None = None
+        self._data: _Lru = _Lru(4)
+        self._norms: _Lru = _Lru(4)
+        self._ranks: _Lru = _Lru(2)
+        self._stops: dict[str, threading.Event] = {}
+
+    @property
+    def cache(self) -> pipeline.ResultCache:
+        if self._cache is None:
+            self._cache = pipeline.ResultCache(self.cache_root)
+        return self._cache
+
+    # -- the model ------------------------------------------------------------------------
+
+    def load(self, spec: ModelSpec, log: Callable[[str], None] | None = None) -> bool:
+        """Make ``spec`` the process's model; returns False when it was loaded already.
+
+        The name is resolved first (unknown ids, missing folders and download failures raise
+        while the previous model stays loaded); only then is the previous model released.
+        """
+        with self.lock:
+            key = model_key(spec)
+            if key == self.model_key and self.loaded is not None:
+                return False
+            pipeline.prepare_model(spec, self.cache_root, log)  # raises before the release
+            self.release()
+            loaded = pipeline.load_model(spec, cache_dir=self.cache_root, log=log)
+            self.loaded = loaded
+            self.variants = pipeline.Variants(loaded, scratch=self.cache_root / "variants")
+            self.model_key = key
+            return True
+
+    def release(self) -> None:
+        """Drop the model and everything derived from it (frees its memory)."""
+        with self.lock:
+            if self.variants is not None:
+                self.variants.close()
+            self.loaded = self.variants = self.model_key = None
+            self._norms.clear()
+            self._ranks.clear()
+            pipeline.free_memory()
+
+    def require(self, session: Session) -> pipeline.LoadedModel:
+        """The shared model, when it is the one the session's results belong to.
+
+        Raises:
+            SessionError: no model loaded for this session, or another tab replaced it.
+        """
+        if session.model is None:
+            raise SessionError("Load a model first (tab 1, Model & data).")
+        if self.loaded is None:
+            raise SessionError(
+                f"No model is loaded now (a later load, maybe in another tab, failed after "
+                f"releasing it). Press Load to load {session.model_name} again."
+            )
+        if session.model != self.model_key:
+            now = self.loaded.spec.name
+            raise SessionError(
+                f"Another tab replaced the shared model: {now} is loaded now, and this tab's "
+                f"results belong to {session.model_name}. Press Load to load it again (one "
+                "model is shared by every tab of this app)."
+            )
+        return self.loaded
+
+    def install(self, session: Session) -> pipeline.Variants:
+        """Put the session's masks and restore set into the shared variants."""
+        with self.lock:
+            self.require(session)
+            self.variants.install(session.masks, session.restore)
+            return self.variants
+
+    # -- data, norms, ranks ---------------------------------------------------------------
+
+    def calibration(self, spec: DataSpec) -> pipeline.CalibrationData:
+        """The calibration sets of ``spec`` (loaded once, then kept)."""
+        with self.lock:
+            hit = self._data.hit(spec.key)
+        if hit is None:  # read (or download) without holding up the model's events
+            hit = pipeline.load_calibration(spec.source, columns=spec.column_map())
+            with self.lock:
+                self._data.put(spec.key, hit)
+        return hit
+
+    def norms_key(self, data: DataSpec, cfg: WandaConfig) -> str:
+        return fingerprint({"model": self.model_key, "data": data.key, "stats": cfg.stats_key()})
+
+    def put_norms(self, key: str, norms: pipeline.Norms) -> None:
+        with self.lock:
+            self._norms.put(key, norms)
+
+    def norms(self, session: Session) -> pipeline.Norms:
+        """The session's norm vectors (from memory, else from the on-disk cache)."""
+        with self.lock:
+            self.require(session)
+            hit = self._norms.hit(session.norms_key)
+            if hit is None:
+                calib = self.calibration(session.data)
+                with self.variants.use("original") as dense:
+                    sets = pipeline.calibration_samples(dense, calib, session.wanda)
+                    hit = pipeline.calibrate(dense, *sets, session.wanda, self.cache).value
+                self._norms.put(session.norms_key, hit)
+            return hit
+
+    def rank_cache(self, session: Session) -> pipeline.RankCache:
+        """One ``RankCache`` per (model, norms), shared by every session that uses them."""
+        with self.lock:
+            hit = self._ranks.hit(session.norms_key)
+            if hit is None:
+                hit = self._ranks.put(
+                    session.norms_key, pipeline.rank_cache(self.variants, self.norms(session))
+                )
+            return hit
+
+    # -- stopping -------------------------------------------------------------------------
+
+    def stop_event(self, session_hash: str | None) -> threading.Event:
+        """The Stop flag of one browser session."""
+        return self._stops.setdefault(session_hash or "", threading.Event())
+
+    def forget(self, session_hash: str | None) -> None:
+        self._stops.pop(session_hash or "", None)
+
+
+WORKBENCH = Workbench()
+"""The process's workbench (built lazily: nothing is loaded at import)."""
+
+MODEL_THREAD = pipeline.ModelThread()
+"""The thread every model step of the app runs in (``hsr_core.worker``: one OpenMP team, so
+CPU decoding is not slowed down by the handler pool's threads). ``ui.layout`` sends the
+handlers of the model's events here (``ui.events``); the chat's turns run here."""
+
+
+DOWNLOADS_KEPT_S = 600
+"""Files made for download are kept this long: gradio copies a handler's file into its own
+cache when the handler returns, so the original is only needed that long."""
+
+
+def download_dir(kind: str) -> Path:
+    """A fresh folder for files a handler returns for download (exports, zips).
+
+    Folders of the same ``kind`` older than ``DOWNLOADS_KEPT_S`` are deleted first, so that
+    exported models do not pile up in the temporary folder.
+    """
+    import shutil
+    import tempfile
+    import time
+
+    root = Path(tempfile.gettempdir()) / "hsr-workbench" / kind
+    root.mkdir(parents=True, exist_ok=True)
+    for old in root.iterdir():
+        try:
+            if time.time() - old.stat().st_mtime > DOWNLOADS_KEPT_S:
+                shutil.rmtree(old, ignore_errors=True)
+        except FileNotFoundError:  # another request deleted it meanwhile
+            continue
+    return Path(tempfile.mkdtemp(dir=root))
