@@ -12,7 +12,6 @@ tower, the projector, embeddings and the LM head are never scored, pruned or res
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ from torch import nn
 
 from .builtin import BuiltinModelError, materialize
 from .config import ModelSpec
+from .hub import hub_reachable
 
 ATTN_PROJS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
@@ -288,21 +288,6 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
 _WEIGHT_IGNORE = ["*.pth", "*.pt", "*.msgpack", "*.h5", "*.ot", "*.onnx", "*.gguf", "original/*"]
 
 
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    """A quick TCP check of the hub endpoint (no retries), honouring HF_HUB_OFFLINE."""
-    import socket
-    from urllib.parse import urlparse
-
-    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
-        return False
-    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    try:
-        with socket.create_connection((url.hostname, url.port or 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
 def download(repo_id: str, revision: str | None, *, trust_remote_code: bool) -> Path:
     """Fetch a hub model (or find it in the local hub cache) and return its folder.
 
@@ -329,7 +314,7 @@ def download(repo_id: str, revision: str | None, *, trust_remote_code: bool) -> 
             )
         except LocalEntryNotFoundError:
             pass
-        if not _hub_reachable():
+        if not hub_reachable():
             raise ModelLoadError(
                 f"Could not reach the Hugging Face hub to download {repo_id!r}, and it is not in "
                 "the local hub cache. Check the network connection (or HF_ENDPOINT), or give a "

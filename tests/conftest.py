@@ -56,3 +56,24 @@ def any_tiny(request: pytest.FixtureRequest, cache_root: Path, mha_folder: Path)
         "llava": "builtin:tiny-llava-next",
     }[request.param]
     return load_model(name, cache_dir=cache_root)
+
+
+@pytest.fixture
+def offline_hub(monkeypatch: pytest.MonkeyPatch):
+    """Point huggingface_hub at a given cache folder, offline; forget verified hashes.
+
+    huggingface_hub reads its settings at import, so its constants are patched too."""
+    from huggingface_hub import constants
+
+    from hsr_core import smollm2
+
+    def use(cache: Path) -> Path:
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+        monkeypatch.setenv("HF_HOME", str(cache.parent / "hf-home"))
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+        return cache
+
+    monkeypatch.setattr(smollm2, "_verified", set())
+    return use

