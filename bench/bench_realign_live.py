@@ -103,7 +103,9 @@ def main() -> int:
     base = RealignConfig()
 
     def move(cfg: RealignConfig) -> dict:
-        return realign.realign(cfg.p, cfg.q, cfg.max_p, cfg.top_h, cfg.slicing, "0-0", state)
+        return realign.realign(
+            cfg.p, cfg.q, cfg.max_p, cfg.top_h, cfg.slicing, "0-0", cfg.scope, state
+        )
 
     move(base)  # warm-up: the first call unpacks the masks of the selected layers
 

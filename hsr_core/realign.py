@@ -15,7 +15,11 @@ restored when it is in R, in the head's slice, and pruned by the mask:
     k/v_proj   | rows of KV group g = h // (H/K)       | input columns of that group
     o_proj     | columns [h*d_h, (h+1)*d_h)            | all of R
 
-MLP weights are never restored. Ranks depend only on the dense weights and the norms, so
+MLP weights are never restored by the paper's method (``scope="heads"``). Our extension
+``scope="heads+mlp"`` (not in the paper) also restores, in the MLP projections of each layer
+that holds a selected head, the pruned weights in the same band R(p, q, max_p) ranked over the
+whole MLP matrix; its accounting is per layer and module. Ranks depend only on the dense
+weights and the norms, so
 ``RankCache`` keeps them across slider moves: a new (p, q, max_p, top_h) costs a few
 element-wise comparisons.
 """
@@ -107,6 +111,9 @@ class RestoreSet:
         pruned_total: weights pruned by the mask (all decoder linears).
         candidates: size of R within the selected heads' slices, pruned or not.
         config: the realignment settings.
+        per_module: restored weights per projection (MLP ones only with ``heads+mlp``).
+        mlp_per_layer: ``{layer: {proj: count}}`` restored in MLPs (``heads+mlp`` only).
+        mlp_candidates: size of R in those MLP projections, pruned or not.
     """
 
     indices: dict[str, torch.Tensor]
@@ -117,6 +124,8 @@ class RestoreSet:
     candidates: int
     config: RealignConfig
     per_module: dict[str, int] = field(default_factory=dict)
+    mlp_per_layer: dict[int, dict[str, int]] = field(default_factory=dict)
+    mlp_candidates: int = 0
 
     @property
     def per_10k_pruned(self) -> float:
@@ -129,7 +138,7 @@ class RestoreSet:
 
     def summary(self) -> dict[str, Any]:
         """The accounting as JSON (heads written ``"l-h"``), as ``summary.json`` has it."""
-        return {
+        out = {
             "selected_heads": [h.label for h in self.heads],
             "restored": self.count,
             "restored_per_10k_pruned": self.per_10k_pruned,
@@ -137,6 +146,14 @@ class RestoreSet:
             "restored_per_head": {h.label: dict(c) for h, c in self.per_head.items()},
             "restored_per_module": self.per_module,
         }
+        if self.config.scope != "heads":
+            out.update(
+                restore_scope=f"{self.config.scope} (our extension; the paper restores "
+                "attention heads only)",
+                restored_mlp_per_layer={str(k): dict(v) for k, v in self.mlp_per_layer.items()},
+                restore_candidates_in_mlp=self.mlp_candidates,
+            )
+        return out
 
 
 KEEP_MASKS_MAX_WEIGHTS = 64_000_000
@@ -236,8 +253,10 @@ def restore_set(
         by_layer.setdefault(l, []).append(h)
     indices: dict[str, torch.Tensor] = {}
     per_head = {h: {p: 0 for p in ATTN_PROJS} for h in chosen}
-    per_module = {p: 0 for p in ATTN_PROJS}
-    n_candidates = 0
+    with_mlp = cfg.scope == "heads+mlp"
+    per_module = {p: 0 for p in ATTN_PROJS + (a.mlp_projs if with_mlp else ())}
+    mlp_per_layer: dict[int, dict[str, int]] = {}
+    n_candidates = n_mlp_candidates = 0
     for layer, layer_heads in sorted(by_layer.items()):
         for proj in ATTN_PROJS:
             name = a.linear_name(layer, proj)
@@ -267,6 +286,19 @@ def restore_set(
             if idx.numel():
                 indices[name] = idx
                 per_module[proj] += idx.numel()
+        if with_mlp:  # our extension: the same band, over each whole MLP matrix of the layer
+            mlp_per_layer[layer] = {}
+            for proj in a.mlp_projs:
+                name = a.linear_name(layer, proj)
+                rank_s, rank_u = ranks.get(name)
+                r = candidates(rank_s, rank_u, cfg.p, cfg.q, cfg.max_p)
+                restored = (r & ranks.pruned(name, masks[name])).reshape(-1)
+                n_mlp_candidates += int(r.sum())
+                idx = torch.nonzero(restored).squeeze(1)
+                mlp_per_layer[layer][proj] = idx.numel()
+                if idx.numel():
+                    indices[name] = idx
+                    per_module[proj] += idx.numel()
     return RestoreSet(
         indices=indices,
         heads=chosen,
@@ -276,6 +308,8 @@ def restore_set(
         candidates=n_candidates,
         config=cfg,
         per_module=per_module,
+        mlp_per_layer=mlp_per_layer,
+        mlp_candidates=n_mlp_candidates,
     )
 
 

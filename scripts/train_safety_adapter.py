@@ -123,6 +123,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     g.add_argument("--max-grad-norm", type=float, default=1.0)
     g.add_argument(
+        "--save-epochs",
+        action="store_true",
+        help="also save each epoch's adapter into OUT/epoch-N (to score every epoch, as the "
+        "settings sweep did); the last epoch is OUT itself",
+    )
+    g.add_argument(
         "--max-answer-tokens",
         type=int,
         default=32,
@@ -380,6 +386,8 @@ def train(
                 pbar.set_postfix(epoch=epoch + 1, loss=f"{losses[-1]:.3f}")
             epoch_losses.append(sum(losses) / len(losses))
             tqdm.write(f"epoch {epoch + 1}/{args.epochs}: mean loss {epoch_losses[-1]:.4f}")
+            if args.save_epochs and epoch + 1 < args.epochs:
+                model.save_pretrained(args.out / f"epoch-{epoch + 1}", safe_serialization=True)
     model.eval()
     return model, epoch_losses, time.perf_counter() - t0
 

@@ -63,7 +63,7 @@ def test_tabs_are_rooms_and_the_plumbing_imports_no_tab() -> None:
             where = f"{path.relative_to(ROOT)}:{line}"
             if me.startswith("ui.tabs.") and module.startswith("ui.tabs"):
                 problems.append(f"{where}: a tab imports another tab ({module} {names})")
-            plumbing = me in ("ui.events", "ui.session", "ui.workbench", "ui.figures")
+            plumbing = me in ("ui.events", "ui.public", "ui.session", "ui.workbench", "ui.figures")
             if plumbing and (module.startswith(("ui.tabs", "ui.layout")) or "layout" in names):
                 problems.append(f"{where}: shared plumbing imports the page ({module})")
             private = [n for n in names if n.startswith("_")]
@@ -84,6 +84,7 @@ def test_every_tab_has_build_and_wire() -> None:
         "chat",
         "evaluate",
         "export",
+        "localize",
     ]
     for tab in layout.TABS:
         assert callable(tab.build) and callable(tab.wire), tab.__name__

@@ -100,6 +100,14 @@ def realign_view(
         "restored ones are those the mask pruned.\n\n"
         + " · ".join(f"{p} {c:,}" for p, c in rs.per_module.items())
     )
+    if cfg.scope != "heads":
+        mlp = sum(sum(v.values()) for v in rs.mlp_per_layer.values())
+        totals += (
+            f"\n\n**Scope heads+mlp (our extension; the paper restores attention heads only):** "
+            f"{mlp:,} of them in the MLPs of layers "
+            f"{', '.join(str(l) for l in sorted(rs.mlp_per_layer))} "
+            f"({rs.mlp_candidates:,} candidates there)."
+        )
     return {
         "restore": rs,
         "head": head,
@@ -152,14 +160,15 @@ def head_figure(
 
 
 def realign_config(
-    p: float, q: float, max_p: float, top_h: float, slicing: str
+    p: float, q: float, max_p: float, top_h: float, slicing: str, scope: str = "heads"
 ) -> tuple[RealignConfig | None, str]:
     """The config, or None and a message saying what to change."""
     try:
         top = int(top_h)
         if top != top_h:
             raise ConfigError(f"top_h must be a whole number, got {top_h}")
-        return RealignConfig(float(p), float(q), float(max_p), top, slicing), ""
+        scope = SCOPE_CHOICES.get(scope, scope)
+        return RealignConfig(float(p), float(q), float(max_p), top, slicing, scope), ""
     except ConfigError as e:
         return None, f"**Nothing changed:** {e}"
 
@@ -171,11 +180,12 @@ def _realign(
     top_h: float,
     slicing: str,
     head: str | None,
+    scope: str,
     state: Session,
     *,
     strict: bool,
 ) -> dict[str, Any]:
-    cfg, problem = realign_config(p, q, max_p, top_h, slicing)
+    cfg, problem = realign_config(p, q, max_p, top_h, slicing, scope)
     if cfg is None:
         return {"realign_msg": problem}
     with WORKBENCH.lock:
@@ -209,24 +219,39 @@ def _realign(
         "state": new,
         "status": status_line(new),
         "realign_msg": f"p={cfg.p:g} · q={cfg.q:g} · max_p={cfg.max_p:g} · top_h={cfg.top_h} "
-        f"· {cfg.slicing} slicing",
+        f"· {cfg.slicing} slicing"
+        + (" · **heads+mlp: our extension, not in the paper**" if cfg.scope != "heads" else ""),
     }
 
 
 @events.user_errors("Realign")
 def realign(
-    p: float, q: float, max_p: float, top_h: float, slicing: str, head: str | None, state: Session
+    p: float,
+    q: float,
+    max_p: float,
+    top_h: float,
+    slicing: str,
+    head: str | None,
+    scope: str,
+    state: Session,
 ) -> dict[str, Any]:
     """The HSR restore set for these settings (no statistics are recomputed)."""
-    return _realign(p, q, max_p, top_h, slicing, head, state, strict=True)
+    return _realign(p, q, max_p, top_h, slicing, head, scope, state, strict=True)
 
 
 @events.user_errors("Realign")
 def realign_refresh(
-    p: float, q: float, max_p: float, top_h: float, slicing: str, head: str | None, state: Session
+    p: float,
+    q: float,
+    max_p: float,
+    top_h: float,
+    slicing: str,
+    head: str | None,
+    scope: str,
+    state: Session,
 ) -> dict[str, Any]:
     """Like ``realign``, but only a note when attribution or pruning is missing."""
-    return _realign(p, q, max_p, top_h, slicing, head, state, strict=False)
+    return _realign(p, q, max_p, top_h, slicing, head, scope, state, strict=False)
 
 
 @events.user_errors("Head detail")
@@ -256,7 +281,13 @@ def head_clicked(clicked: str, state: Session) -> dict[str, Any]:
 # the tab
 
 
-INPUTS = ["p", "q", "max_p", "top_h", "slicing", "realign_head", "state"]
+INPUTS = ["p", "q", "max_p", "top_h", "slicing", "realign_head", "scope", "state"]
+
+SCOPE_CHOICES = {
+    "heads (the paper)": "heads",
+    "heads+mlp (our extension)": "heads+mlp",
+}
+"""The scope radio's labels and the ``RealignConfig.scope`` each stands for."""
 OUTPUTS = [
     "state",
     "status",
@@ -284,6 +315,13 @@ def build(c: dict[str, Any]) -> None:
                 0, 1, value=0.7, step=0.01, label="max_p", info="utility: at most"
             )
             c["top_h"] = gr.Slider(1, 64, value=10, step=1, label="top_h", info="heads realigned")
+            c["scope"] = gr.Radio(
+                list(SCOPE_CHOICES),
+                value="heads (the paper)",
+                label="scope",
+                info="heads+mlp also restores the same band in the MLPs of the selected heads' "
+                "layers: our extension, not in the paper",
+            )
             c["slicing"] = gr.Radio(
                 ["head", "reference"],
                 value="head",
@@ -344,6 +382,7 @@ def wire(c: dict[str, Any]) -> None:
             c["max_p"].release,
             c["top_h"].release,
             c["slicing"].input,
+            c["scope"].input,
             c["realign_btn"].click,
         ],
         realign,
