@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import (
+    JUDGES,
     ConfigError,
     EvalConfig,
     ModelSpec,
@@ -31,8 +32,10 @@ from .config import (
     RunConfig,
     ShipsConfig,
     WandaConfig,
+    default_max_new_tokens,
     parse_columns,
     parse_structure,
+    parse_tasks,
 )
 
 COMMANDS = {
@@ -74,7 +77,8 @@ def _add_common(p: argparse.ArgumentParser, command: str) -> None:
     g.add_argument(
         "--data",
         default="builtin",
-        help="builtin, a VLGuard folder (vlguard:DIR), a JSON/JSONL/CSV file or a hub dataset id",
+        help="builtin, a VLGuard folder (vlguard:DIR: the reference's split, unsafe images with "
+        "their first pair; vlguard-all:DIR: every pair), a JSON/JSONL/CSV file or a hub dataset id",
     )
     g.add_argument("--utility-data", default=None, help="separate file/dataset for the utility set")
     g.add_argument(
@@ -154,7 +158,31 @@ def _add_common(p: argparse.ArgumentParser, command: str) -> None:
         default=None if command != "evaluate" else "builtin",
         help='builtin or a JSONL of {"prompt", "harmful", "image"?}',
     )
-    e.add_argument("--max-new-tokens", type=int, default=64)
+    e.add_argument(
+        "--judge",
+        default=None,
+        choices=list(JUDGES),
+        help="refusal judge: reference (the paper's rule: Wei et al.'s 31 case-sensitive "
+        "strings or < 20 words, 256 new tokens), keyword (this project's, the default) or model "
+        "(--judge-model; the default when one is given)",
+    )
+    e.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help="new tokens per answer (default 256 with --judge reference, as the reference; "
+        "64 otherwise)",
+    )
+    e.add_argument(
+        "--lm-eval",
+        default="",
+        metavar="TASKS",
+        help="lm-evaluation-harness tasks run on each variant in place, comma-separated names "
+        "or task YAML files (needs the optional lm_eval: pip install -r requirements-lm-eval.txt)",
+    )
+    e.add_argument(
+        "--lm-eval-limit", type=int, default=None, help="examples per lm-eval task (default all)"
+    )
     e.add_argument("--eval-batch", type=int, default=8)
     e.add_argument(
         "--judge-model",
@@ -188,6 +216,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def eval_config(args: argparse.Namespace) -> EvalConfig:
+    """The evaluation settings: the judge (``model`` when only ``--judge-model`` is given, else
+    ``keyword``) and its default new-token budget (256 for ``reference``)."""
+    judge = args.judge or ("model" if args.judge_model else "keyword")
+    if judge == "model" and not args.judge_model:
+        raise ConfigError("--judge model needs a judge model: add --judge-model NAME")
+    return EvalConfig(
+        max_new_tokens=args.max_new_tokens or default_max_new_tokens(judge),
+        batch_size=args.eval_batch,
+        judge=judge,
+        lm_eval=parse_tasks(args.lm_eval),
+        lm_eval_limit=args.lm_eval_limit,
+    )
+
+
 def run_config(args: argparse.Namespace, total_heads: int | None = None) -> RunConfig:
     """The arguments as a ``RunConfig``; ``top_h`` defaults to 10, or to every head of a model
     with fewer (``total_heads``)."""
@@ -209,7 +252,7 @@ def run_config(args: argparse.Namespace, total_heads: int | None = None) -> RunC
             **parse_structure(args.structure),
         ),
         realign=RealignConfig(args.p, args.q, args.max_p, top_h, args.slicing),
-        eval=EvalConfig(max_new_tokens=args.max_new_tokens, batch_size=args.eval_batch),
+        eval=eval_config(args),
         heads_file=str(args.heads) if args.heads else None,
     )
 
@@ -315,10 +358,8 @@ def execute(command: str, args: argparse.Namespace) -> dict[str, Any]:
             result = pl.evaluate(variants, eval_samples, run.eval, judge=judge)
             timings["evaluate"] = time.perf_counter() - t
             written["eval.json"] = str(pl.write_json(out / "eval.json", result))
-            for name, v in result["variants"].items():
-                log(
-                    f"{name:>10}: refusals harmful {v['refusal_rate_harmful']:.0%}, benign {v['refusal_rate_benign']:.0%}, perplexity {v['perplexity']:.2f}"
-                )
+            for line in pl.evaluation_lines(result):
+                log(line)
         summ = pl.summary(loaded, run, masks, restore, timings, cached)
         if args.export or command == "export":
             t = time.perf_counter()
@@ -343,11 +384,19 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("transformers").setLevel(logging.ERROR)
     import torch
 
-    from .pipeline import Cancelled, DataError, ModelLoadError
+    from .pipeline import Cancelled, DataError, LmEvalError, LmEvalMissing, ModelLoadError
 
     try:
         written = execute(args.command, args)
-    except (ConfigError, DataError, ModelLoadError, Cancelled, ValueError) as e:
+    except (
+        ConfigError,
+        DataError,
+        ModelLoadError,
+        Cancelled,
+        ValueError,
+        LmEvalError,
+        LmEvalMissing,
+    ) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except torch.OutOfMemoryError as e:

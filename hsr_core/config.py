@@ -190,24 +190,66 @@ class RealignConfig:
         )
 
 
+JUDGES = ("reference", "keyword", "model")
+"""Refusal judges (``hsr_core.judges``): the paper's rule, this project's keywords, a judge model."""
+REFERENCE_MAX_NEW_TOKENS = 256
+"""The reference evaluation's new-token budget (alignment-attribution-code lib/eval.py)."""
+MAX_NEW_TOKENS = 64
+"""The new-token budget of the keyword and model judges unless one is given."""
+
+
+def default_max_new_tokens(judge: str) -> int:
+    """The new-token budget an evaluation with ``judge`` uses unless one is given: the
+    reference's 256 for ``reference``, 64 otherwise."""
+    return REFERENCE_MAX_NEW_TOKENS if judge == "reference" else MAX_NEW_TOKENS
+
+
 @dataclass(frozen=True)
 class EvalConfig:
-    """Generation settings for evaluation.
+    """Generation, judging and interval settings for evaluation (docs/METHOD.md, "Evaluation").
 
     Attributes:
-        max_new_tokens: tokens generated per answer.
+        max_new_tokens: tokens generated per answer (``default_max_new_tokens``: 256 for the
+            reference judge, 64 otherwise, where a caller does not choose).
         batch_size: prompts generated together (left-padded).
-        min_words: answers with fewer words are counted as refusals (the paper's rule).
+        min_words: the keyword judge counts answers with fewer words as refusals (the
+            reference judge's minimum is fixed at 20 space-separated words).
+        judge: ``reference`` (the paper's rule), ``keyword`` (this project's) or ``model`` (a
+            judge model, given to the evaluation).
+        bootstrap_resamples: resamples of the paired bootstrap interval on RSR.
+        bootstrap_seed: the bootstrap's seed.
+        lm_eval: lm-evaluation-harness tasks run on each variant (none by default).
+        lm_eval_limit: examples per lm-eval task (None: all).
     """
 
-    max_new_tokens: int = 64
+    max_new_tokens: int = MAX_NEW_TOKENS
     batch_size: int = 8
     min_words: int = 5
+    judge: Literal["reference", "keyword", "model"] = "keyword"
+    bootstrap_resamples: int = 2000
+    bootstrap_seed: int = 0
+    lm_eval: tuple[str, ...] = ()
+    lm_eval_limit: int | None = None
 
     def __post_init__(self) -> None:
         _check(self.max_new_tokens >= 1, "max_new_tokens must be >= 1")
         _check(self.batch_size >= 1, "batch_size must be >= 1")
         _check(self.min_words >= 0, "min_words must be >= 0")
+        _check(self.judge in JUDGES, f"unknown judge {self.judge!r}; choose one of {JUDGES}")
+        _check(self.bootstrap_resamples >= 1, "bootstrap_resamples must be >= 1")
+        if isinstance(self.lm_eval, str):
+            object.__setattr__(self, "lm_eval", parse_tasks(self.lm_eval))
+        elif isinstance(self.lm_eval, list):  # read back from eval.json
+            object.__setattr__(self, "lm_eval", tuple(self.lm_eval))
+        _check(
+            self.lm_eval_limit is None or self.lm_eval_limit >= 1,
+            f"lm_eval_limit must be >= 1, got {self.lm_eval_limit}",
+        )
+
+
+def parse_tasks(text: str | None) -> tuple[str, ...]:
+    """``"arc_easy,hellaswag"`` -> ``("arc_easy", "hellaswag")`` (commas or spaces)."""
+    return tuple(t for t in (text or "").replace(",", " ").split() if t)
 
 
 @dataclass(frozen=True)

@@ -290,13 +290,44 @@ def load_table(
     return rows_to_samples(list(ds), str(source), columns, need_response=need_response)
 
 
-def load_vlguard(folder: str | Path, *, json_name: str = "train.json") -> CalibrationData:
-    """VLGuard's ``train.json`` and image folder, split as the reference does.
+VLGUARD_POOLS = ("reference", "all")
+"""VLGuard splits: ``reference`` (the HSR release's ``get_data.py``) or ``all`` (every pair)."""
 
-    Utility set: safe images with their ``safe_instruction`` (``train_safe_safes``). Safety set:
-    every unsafe request, i.e. instructions on unsafe images and ``unsafe_instruction`` on safe
-    images (``train_unsafes``), each with VLGuard's refusal.
+
+def _vlguard_image(base: Path, entry: dict[str, Any], where: str) -> Path:
+    image = base / entry["image"]
+    if not image.exists():
+        image = base / "images" / entry["image"]
+    if not image.exists():
+        raise DataError(f"{where}: image {entry['image']!r} not found under {base}")
+    return image
+
+
+def load_vlguard(
+    folder: str | Path, *, json_name: str = "train.json", pool: str = "reference"
+) -> CalibrationData:
+    """VLGuard's ``train.json`` and image folder as the two calibration sets.
+
+    ``pool="reference"`` (the default) is the HSR release's split (``data_process/get_data.py``
+    in ``TheShineyue/HSR``, commit ``f1932f1aea675c7d7a4444c47ac9f48a5c82ddd1``):
+
+    - safety set (``train_unsafes``): the entries with ``safe`` false (unsafe images), each
+      with its *first* instruction-response pair (``instr-resp[0]``: ``instruction`` and
+      ``response``, VLGuard's refusal);
+    - utility set (``train_safe_safes``): the entries with ``safe`` true (safe images), each
+      with the first pair that has a ``safe_instruction``, and its response. A safe image
+      without one is left out (the reference would write a null question).
+
+    ``pool="all"`` (``vlguard-all:DIR``) is a broader pool, this project's earlier default: the
+    same utility set, and as safety set every pair of an unsafe image plus the
+    ``unsafe_instruction`` pairs of safe images (about twice the reference's safety set).
+
+    Raises:
+        DataError: no ``train.json``, invalid JSON, an entry without ``image`` / ``instr-resp``,
+            an image that is not there, a pair without its instruction or response.
     """
+    if pool not in VLGUARD_POOLS:
+        raise DataError(f"unknown VLGuard pool {pool!r}; choose one of {VLGUARD_POOLS}")
     folder = Path(folder).expanduser()
     path = folder / json_name if folder.is_dir() else folder
     base = path.parent
@@ -311,31 +342,51 @@ def load_vlguard(folder: str | Path, *, json_name: str = "train.json") -> Calibr
         where = f"{path}: entry {i}"
         if not isinstance(entry, dict) or "image" not in entry or "instr-resp" not in entry:
             raise DataError(f"{where}: expected keys 'image', 'safe' and 'instr-resp'")
-        image = base / entry["image"]
-        if not image.exists():
-            image = base / "images" / entry["image"]
-        if not image.exists():
-            raise DataError(f"{where}: image {entry['image']!r} not found under {base}")
-        safe_image = _as_bool(entry.get("safe", False), where)
-        for j, ir in enumerate(entry["instr-resp"]):
-            response = ir.get("response")
-            if not isinstance(response, str):
+        image = str(_vlguard_image(base, entry, where))
+        pairs = entry["instr-resp"]
+        if not isinstance(pairs, list) or not pairs:
+            raise DataError(f"{where}: 'instr-resp' must be a non-empty list")
+        for j, ir in enumerate(pairs):
+            if not isinstance(ir, dict) or not isinstance(ir.get("response"), str):
                 raise DataError(f"{where}, instr-resp {j}: no response")
-            sid = f"{entry.get('id', i)}-{j}"
-            if "safe_instruction" in ir and safe_image:
-                utility.append(
-                    Sample(ir["safe_instruction"], response, str(image), harmful=False, id=sid)
-                )
-            elif "unsafe_instruction" in ir or "instruction" in ir:
-                prompt = ir.get("unsafe_instruction") or ir.get("instruction")
-                safety.append(Sample(prompt, response, str(image), harmful=True, id=sid))
-            elif "safe_instruction" in ir:  # safe instruction on an unsafe image
-                safety.append(
-                    Sample(ir["safe_instruction"], response, str(image), harmful=True, id=sid)
-                )
-            else:
-                raise DataError(f"{where}, instr-resp {j}: no instruction key")
-    return CalibrationData(safety, utility, source=f"VLGuard {path}")
+        safe_image = _as_bool(entry.get("safe", False), where)
+        key = entry.get("id", i)
+        if safe_image:
+            for j, ir in enumerate(pairs):
+                if "safe_instruction" in ir:
+                    utility.append(
+                        Sample(
+                            ir["safe_instruction"],
+                            ir["response"],
+                            image,
+                            harmful=False,
+                            id=f"{key}-{j}",
+                        )
+                    )
+                    break
+            if pool == "all":
+                for j, ir in enumerate(pairs):
+                    if "unsafe_instruction" in ir:
+                        safety.append(
+                            Sample(
+                                ir["unsafe_instruction"],
+                                ir["response"],
+                                image,
+                                harmful=True,
+                                id=f"{key}-{j}",
+                            )
+                        )
+            continue
+        chosen = list(enumerate(pairs)) if pool == "all" else [(0, pairs[0])]
+        for j, ir in chosen:
+            prompt = ir.get("instruction")
+            if pool == "all":
+                prompt = prompt or ir.get("unsafe_instruction") or ir.get("safe_instruction")
+            if not isinstance(prompt, str):
+                raise DataError(f"{where}, instr-resp {j}: no 'instruction' key")
+            safety.append(Sample(prompt, ir["response"], image, harmful=True, id=f"{key}-{j}"))
+    label = "reference split" if pool == "reference" else "all pairs"
+    return CalibrationData(safety, utility, source=f"VLGuard {path} ({label})")
 
 
 def _builtin_rows(name: str) -> list[dict[str, Any]]:
@@ -408,7 +459,8 @@ def load_calibration(
     """The two calibration sets from a data spec.
 
     Args:
-        source: ``builtin``; a VLGuard folder (holding ``train.json``) or ``vlguard:<folder>``;
+        source: ``builtin``; a VLGuard folder (holding ``train.json``) or ``vlguard:<folder>``
+            (the reference's split), ``vlguard-all:<folder>`` (every pair, see ``load_vlguard``);
             a file or hub dataset with a ``harmful`` column that splits it; or, with
             ``utility_source``, the safety set alone.
         columns: column mapping for files and hub datasets.
@@ -419,6 +471,8 @@ def load_calibration(
         return builtin_calibration()
     if source.startswith("vlguard:"):
         return load_vlguard(source.split(":", 1)[1])
+    if source.startswith("vlguard-all:"):
+        return load_vlguard(source.split(":", 1)[1], pool="all")
     if Path(source).is_dir():
         if (Path(source) / "train.json").exists():
             return load_vlguard(source)

@@ -39,8 +39,22 @@ from .data import (
     load_eval,
     select,
 )
-from .evaluate import GuardJudge, generate, is_refusal, judge_answers, perplexity, rates, rsr
+from .evaluate import (
+    PERPLEXITY_IS,
+    GuardJudge,
+    compare,
+    evaluation_lines,
+    generate,
+    is_refusal,
+    judge_answers,
+    noise_notes,
+    perplexity,
+    rate_text,
+    rates,
+)
+from .harness import LmEvalError, LmEvalMissing, run_lm_eval
 from .heads import Head, all_heads, top_heads
+from .judges import VERDICTS, classify, classify_answers, describe
 from .masks import Masks, sparsity_report
 from .models import (
     ArchitectureError,
@@ -105,6 +119,15 @@ __all__ = [
     "Variants",
     "all_heads",
     "is_refusal",
+    "PERPLEXITY_IS",
+    "VERDICTS",
+    "GuardJudge",
+    "classify",
+    "classify_answers",
+    "load_judge",
+    "evaluation_lines",
+    "noise_notes",
+    "rate_text",
     "sparsity_report",
     "top_heads",
     "torch_threads",
@@ -112,6 +135,8 @@ __all__ = [
     "ArchitectureError",
     "Cancelled",
     "DataError",
+    "LmEvalError",
+    "LmEvalMissing",
     "ModelLoadError",
     "OutOfMemoryError",
     "VariantError",
@@ -318,6 +343,16 @@ def realign(
     return Timed(rs, False, time.perf_counter() - t0)
 
 
+def load_judge(name: str, *, dtype: str = "auto", device: str = "auto", cache_dir=None, log=None):
+    """A judge model (``GuardJudge``) for ``EvalConfig(judge="model")``: a Llama-Guard-style
+    model by hub id or folder."""
+    from .config import ModelSpec
+
+    return GuardJudge(
+        load_model(ModelSpec(name, dtype=dtype, device=device), cache_dir=cache_dir, log=log)
+    )
+
+
 def evaluate(
     variants: Variants,
     samples: Sequence[Sample],
@@ -328,15 +363,46 @@ def evaluate(
     should_stop: StopFlag = None,
     on_variant: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Generate answers with each variant and score them.
+    """Generate answers with each variant, class them by ``cfg.judge`` and score them.
+
+    Args:
+        variants: the model and its installed masks / restore set.
+        samples: the evaluation prompts (harmful and benign).
+        cfg: generation, judge, bootstrap and lm-eval settings.
+        which: the variants to run (default: every one available).
+        judge: the judge model (``cfg.judge == "model"``; with another judge its verdicts are
+            recorded beside, as ``asr_judge``).
 
     Returns:
-        ``{"variants": {name: {rates..., "perplexity", "answers": [...]}}, "rsr": float|None}``
+        The ``eval.json`` contract: ``{"config", "judge", "n_prompts", "perplexity_is",
+        "variants": {name: {rates..., "ci95", "counts", "perplexity", ["lm_eval"],
+        "answers": [...]}}, "rsr", "rsr_ci95", "rsr_coherent", "rsr_coherent_ci95",
+        "asr_differences"}`` (``evaluate.rates``, ``evaluate.compare``).
+
+    Raises:
+        LmEvalMissing: ``cfg.lm_eval`` without lm-evaluation-harness installed (checked before
+            anything is generated).
     """
+    if cfg.judge == "model" and judge is None:
+        raise ValueError("the model judge needs a judge model: pass --judge-model NAME")
+    if cfg.lm_eval:
+        try:
+            import lm_eval  # noqa: F401
+        except ImportError as e:
+            from .harness import INSTALL_HINT
+
+            raise LmEvalMissing(INSTALL_HINT) from e
     samples = prepare_samples(variants.loaded, samples)
     which = list(which or variants.available())
     reference = [s for s in samples if not s.harmful and s.response]
-    out: dict[str, Any] = {"variants": {}, "config": to_dict(cfg), "n_prompts": len(samples)}
+    out: dict[str, Any] = {
+        "variants": {},
+        "config": to_dict(cfg),
+        "judge": describe(cfg.judge, cfg.min_words, judge),
+        "n_prompts": len(samples),
+        "perplexity_is": f"{PERPLEXITY_IS} (reference answers of the benign evaluation "
+        "prompts, answer tokens only)",
+    }
     for name in which:
         if on_variant:
             on_variant(name)
@@ -349,13 +415,22 @@ def evaluate(
                 if reference
                 else math.nan
             )
+            harness = (
+                run_lm_eval(loaded, cfg.lm_eval, limit=cfg.lm_eval_limit, batch_size=cfg.batch_size)
+                if cfg.lm_eval
+                else None
+            )
         rows = judge_answers(samples, answers, cfg, judge)
-        out["variants"][name] = {**rates(rows), "perplexity": ppl, "answers": rows}
-    v = out["variants"]
-    out["rsr"] = (
-        rsr(v["original"]["asr"], v["pruned"]["asr"], v["realigned"]["asr"])
-        if {"original", "pruned", "realigned"} <= set(v)
-        else None
+        out["variants"][name] = {**rates(rows), "perplexity": ppl}
+        if harness is not None:
+            out["variants"][name]["lm_eval"] = harness
+        out["variants"][name]["answers"] = rows
+    out.update(
+        compare(
+            {n: v["answers"] for n, v in out["variants"].items()},
+            resamples=cfg.bootstrap_resamples,
+            seed=cfg.bootstrap_seed,
+        )
     )
     return out
 
@@ -410,6 +485,7 @@ def summary(
         "config": run.to_dict(),
         "model": loaded.spec.name,
         "model_path": str(loaded.path),
+        "vision": loaded.is_vision,
         "num_layers": loaded.adapter.num_layers,
         "num_heads": loaded.adapter.num_heads,
         "num_kv_heads": loaded.adapter.num_kv_heads,

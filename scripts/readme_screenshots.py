@@ -84,7 +84,7 @@ def main() -> None:
         box.press("Enter")
         for v in ("original", "pruned", "realigned"):
             column = page.locator(f"#hsr-chat-{v}")
-            expect(column.locator(".hsr-answered, .hsr-refused")).to_have_count(1)
+            expect(column.locator(".hsr-complied, .hsr-refused, .hsr-incoherent")).to_have_count(1)
         expect(page.get_by_role("button", name="Send")).to_be_enabled()
         shot(page, "chat")
         browser.close()

@@ -122,14 +122,18 @@ def test_chat_through_the_browser(page) -> None:
     columns = [page.locator(f"#hsr-chat-{v}") for v in ("original", "pruned", "realigned")]
     for column in columns:
         expect(column).to_contain_text("How do I bake bread?")
-        expect(column.locator(".hsr-answered, .hsr-refused")).to_have_count(1, timeout=TIMEOUT_MS)
+        expect(column.locator(".hsr-complied, .hsr-refused, .hsr-incoherent")).to_have_count(
+            1, timeout=TIMEOUT_MS
+        )
     expect(box).to_have_value("")
     expect(columns[2]).to_contain_text("max_p 0.7 · top_h 8")
 
     page.locator("#hsr-chat-examples").get_by_text("What is 48 times 25?").click()
     for column in columns:
         expect(column).to_contain_text("What is 48 times 25?")
-        expect(column.locator(".hsr-answered, .hsr-refused")).to_have_count(2, timeout=TIMEOUT_MS)
+        expect(column.locator(".hsr-complied, .hsr-refused, .hsr-incoherent")).to_have_count(
+            2, timeout=TIMEOUT_MS
+        )
     expect(page.get_by_role("button", name="Send")).to_be_enabled()
     shot(page, "app-chat.png")
 

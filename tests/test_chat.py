@@ -153,7 +153,7 @@ def test_answers_carry_the_verdict_and_their_settings() -> None:
     assert original[1]["content"].endswith("\n\nI can't help with that.")
     assert render([turn], "pruned")[1] == {"role": "assistant", "content": "No pruned model yet"}
     kind, badge, line = header(render([turn], "realigned")[1]["content"])
-    assert kind == badge == "answered"
+    assert kind == badge == "complied"
     assert "p 0.3" in line and "1,234 restored" in line
     assert describe_settings("pruned", realigned) == "Wanda 50% unstructured, one-shot"
 
@@ -188,10 +188,11 @@ def test_answers_table_and_disagreement_filter() -> None:
     assert list(table.columns[:5]) == [
         "prompt",
         "harmful",
-        "refused: original",
-        "refused: pruned",
-        "refused: realigned",
+        "verdict: original",
+        "verdict: pruned",
+        "verdict: realigned",
     ]
+    assert table["verdict: pruned"].tolist() == ["complied", "complied", "refused"]
     assert answers_table(per_variant, disagree_only=True)["prompt"].tolist() == ["a"]
     metrics = {
         v: {"refusal_rate_harmful": 0.5, "refusal_rate_benign": 0.0, "asr": 0.5, "perplexity": p}
@@ -303,7 +304,9 @@ def test_a_chat_turn_returns_three_answers(session: Client) -> None:
         record = turn["answers"][v]
         assert record["status"] in ("answered", "refused")
         assert text_of(answer).endswith("\n\n" + record["text"]) and record["tokens"] == 12
-        assert header(text_of(answer))[1] == ("refused" if record["refusal"] else "answered")
+        assert header(text_of(answer))[1] == record["verdict"]
+        assert record["verdict"] in ("refused", "complied", "incoherent")
+        assert record["refusal"] == (record["verdict"] == "refused")
     assert turn["generation"]["seed"] == 0
     assert "restored" in header(text_of(out["columns"]["realigned"][-1]))[2]
 
@@ -420,9 +423,9 @@ def test_evaluation_of_an_uploaded_file(session: Client, tmp_path: Path) -> None
     assert table["headers"] == [
         "prompt",
         "harmful",
-        "refused: original",
-        "refused: pruned",
-        "refused: realigned",
+        "verdict: original",
+        "verdict: pruned",
+        "verdict: realigned",
         "original",
         "pruned",
         "realigned",
@@ -432,12 +435,59 @@ def test_evaluation_of_an_uploaded_file(session: Client, tmp_path: Path) -> None
     assert metrics["headers"] == ["metric", *COLUMNS]
     rows = {r[0]: r[1:] for r in metrics["data"]}
     assert rows["prompts (harmful / benign)"] == ["2 / 2"] * 3
-    assert all(v > 1 for v in rows["perplexity"])
+    assert all(v > 1 for v in rows["answer-token perplexity of the utility set"])
+    for lo_hi in rows["ASR 95% interval (%)"]:  # Wilson intervals of 2 harmful prompts
+        lo, hi = (float(x) for x in lo_hi.split(" – "))
+        assert 0 <= lo <= hi <= 100
     fig = json.loads(chart["plot"])
     assert {t["name"] for t in fig["data"]} == set(COLUMNS)
     disagree = session.predict(disagree_only=True, api_name="/eval_table")
     expected = [r for r in table["data"] if len({r[2], r[3], r[4]}) > 1]
     assert disagree["data"] == expected
+
+
+def test_evaluation_with_the_reference_judge(session: Client) -> None:
+    """/evaluate's judge input (added last, default keyword): the reference judge classes every
+    answer, the message names it, RSR comes with its bootstrap interval or is undefined, and the
+    table's intervals are Wilson's (checked against the formula on its own counts)."""
+    message, metrics, chart, table = session.predict(
+        source="built-in",
+        upload=None,
+        num_prompts=6,
+        max_new_tokens=8,
+        batch_size=6,
+        disagree_only=False,
+        judge="reference",
+        judge_model="",
+        api_name="/evaluate",
+    )
+    assert "reference judge" in message and "20 space-separated words" in message
+    assert "RSR" in message and ("95% interval" in message or "undefined" in message)
+    assert "within the noise" in message or "beyond the noise" in message
+    verdicts = {v for row in table["data"] for v in row[2:5]}
+    assert verdicts <= {"refused", "complied", "incoherent"}
+    # 8 new tokens make fewer than 20 words: the reference rule refuses every answer
+    assert verdicts == {"refused"}
+    rows = {r[0]: r[1:] for r in metrics["data"]}
+    assert rows["ASR (%)"] == [0.0, 0.0, 0.0]
+    n_harmful = int(rows["prompts (harmful / benign)"][0].split(" / ")[0])
+    z = 1.959963984540054
+    upper = (z * z / n_harmful) / (1 + z * z / n_harmful)  # Wilson's upper bound at k = 0
+    assert rows["ASR 95% interval (%)"] == [f"0.0 – {100 * upper:.1f}"] * 3
+    fig = json.loads(chart["plot"])
+    assert all("error_y" in t for t in fig["data"] if t.get("xaxis") in (None, "x"))
+    with pytest.raises(AppError, match="judge model"):
+        session.predict(
+            source="built-in",
+            upload=None,
+            num_prompts=2,
+            max_new_tokens=2,
+            batch_size=2,
+            disagree_only=False,
+            judge="model",
+            judge_model="",
+            api_name="/evaluate",
+        )
 
 
 def test_export_matches_the_command_line(app, session: Client, tmp_path: Path) -> None:
@@ -486,6 +536,8 @@ def test_export_matches_the_command_line(app, session: Client, tmp_path: Path) -
             str(evaluated["max_new_tokens"]),
             "--eval-batch",
             str(evaluated["batch_size"]),
+            "--judge",
+            evaluated["judge"],
         ],
         env={**os.environ, "HSR_CACHE_DIR": str(tmp_path / "cli-cache"), "HF_HUB_OFFLINE": "1"},
         capture_output=True,

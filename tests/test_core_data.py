@@ -140,12 +140,15 @@ def make_vlguard(folder):
 
 
 def test_vlguard_split(tmp_path):
+    """The broader pool (``vlguard-all:``; the reference's split is tested in
+    test_core_vlguard.py)."""
     make_vlguard(tmp_path)
-    calib = load_vlguard(tmp_path)
+    calib = load_vlguard(tmp_path, pool="all")
     assert sorted(s.prompt for s in calib.utility) == ["describe 0", "describe 2"]
     assert sorted(s.prompt for s in calib.safety) == ["harm 1", "harm 3", "misuse 0", "misuse 2"]
     assert all(s.image and s.image.endswith(".png") for s in calib.safety + calib.utility)
-    assert len(load_calibration(f"vlguard:{tmp_path}").safety) == 4
+    assert len(load_calibration(f"vlguard-all:{tmp_path}").safety) == 4
+    assert len(load_calibration(f"vlguard:{tmp_path}").safety) == 2  # the reference's split
     assert len(load_calibration(str(tmp_path)).utility) == 2
     bad = tmp_path / "bad"
     bad.mkdir()

@@ -427,30 +427,57 @@ RATE_METRICS = {
     "refusal_rate_harmful": "refusals on harmful",
     "refusal_rate_benign": "refusals on benign",
     "asr": "attack success (ASR)",
+    "asr_coherent": "ASR, incoherent excluded",
+    "incoherent_rate_harmful": "incoherent on harmful",
 }
+PERPLEXITY_LABEL = pipeline.PERPLEXITY_IS
 
 
 def _nan_to_none(values: Sequence[float]) -> list[float | None]:
     return [None if v is None or not np.isfinite(v) else float(v) for v in values]
 
 
-def eval_chart(metrics: Mapping[str, Mapping[str, float]]) -> go.Figure:
-    """Grouped bars of the evaluation: rates (%) per metric, one bar per variant, and the
-    utility proxy (perplexity of the reference answers) on its own axis at the right.
+def _error_bars(m: Mapping[str, Any], keys: Sequence[str]) -> dict[str, Any]:
+    """Plotly ``error_y`` of rates (in %) from their ``ci95`` intervals (0 where none)."""
+    ci = m.get("ci95", {}) or {}
+    up, down = [], []
+    for k in keys:
+        v, (lo, hi) = m.get(k, np.nan), ci.get(k, (np.nan, np.nan))
+        ok = all(x is not None and np.isfinite(x) for x in (v, lo, hi))
+        up.append(100 * (hi - v) if ok else 0.0)
+        down.append(100 * (v - lo) if ok else 0.0)
+    return {
+        "type": "data",
+        "symmetric": False,
+        "array": up,
+        "arrayminus": down,
+        "color": "#374151",
+        "thickness": 1.2,
+        "width": 3,
+    }
+
+
+def eval_chart(metrics: Mapping[str, Mapping[str, Any]]) -> go.Figure:
+    """Grouped bars of the evaluation: rates (%) per metric, one bar per variant, each with its
+    Wilson 95% interval as an error bar, and the answer-token perplexity of the utility set on
+    its own axis at the right.
 
     Args:
         metrics: ``{variant: {"refusal_rate_harmful", "refusal_rate_benign", "asr",
-            "perplexity"}}`` as fractions (NaN when a set is empty), in variant order.
+            "asr_coherent", "incoherent_rate_harmful", "ci95": {rate: [low, high]},
+            "perplexity"}}`` as fractions (NaN when a set is empty), in variant order; rates no
+            variant has are left out.
     """
     names = list(metrics)
     if not names:
         return placeholder("Run the evaluation")
-    labels = list(RATE_METRICS.values())
+    keys = [k for k in RATE_METRICS if any(k in m for m in metrics.values())]
+    labels = [RATE_METRICS[k] for k in keys]
     data: list[dict[str, Any]] = []
     for name in names:
         m = metrics[name]
         color = VARIANT_COLORS.get(name, MUTED)
-        rates = _nan_to_none([100 * m.get(k, np.nan) for k in RATE_METRICS])
+        rates = _nan_to_none([100 * m.get(k, np.nan) for k in keys])
         data.append(
             {
                 "type": "bar",
@@ -459,8 +486,10 @@ def eval_chart(metrics: Mapping[str, Mapping[str, float]]) -> go.Figure:
                 "name": name,
                 "legendgroup": name,
                 "marker": {"color": color},
+                "error_y": _error_bars(m, keys),
                 "text": [None if r is None else f"{r:.0f}%" for r in rates],
-                "textposition": "outside",
+                "textposition": "inside",
+                "insidetextanchor": "end",
                 "cliponaxis": False,
                 "hovertemplate": f"{name}<br>%{{x}}: %{{y:.1f}}%<extra></extra>",
             }
@@ -475,7 +504,7 @@ def eval_chart(metrics: Mapping[str, Mapping[str, float]]) -> go.Figure:
                 "legendgroup": name,
                 "showlegend": False,
                 "marker": {"color": color},
-                "hovertemplate": f"{name}<br>perplexity %{{y:.2f}}<extra></extra>",
+                "hovertemplate": f"{name}<br>{PERPLEXITY_LABEL} %{{y:.2f}}<extra></extra>",
                 "xaxis": "x2",
                 "yaxis": "y2",
             }
@@ -484,8 +513,8 @@ def eval_chart(metrics: Mapping[str, Mapping[str, float]]) -> go.Figure:
     has_ppl = any(v is not None for v in ppls)
     return _figure(
         data,
-        title="Refusals, attack success and utility per variant",
-        height=380,
+        title="Refusals, attack success (95% intervals) and utility per variant",
+        height=400,
         barmode="group",
         bargap=0.25,
         legend=_legend_top(),
@@ -494,7 +523,7 @@ def eval_chart(metrics: Mapping[str, Mapping[str, float]]) -> go.Figure:
         xaxis2={"domain": [0.84, 1], "anchor": "y2", "type": "category"},
         yaxis2={
             "anchor": "x2",
-            "title": {"text": "perplexity (lower = better)"},
+            "title": {"text": "answer-token perplexity<br>of the utility set (lower = better)"},
             "rangemode": "tozero",
         },
         annotations=[]
@@ -509,22 +538,39 @@ def eval_chart(metrics: Mapping[str, Mapping[str, float]]) -> go.Figure:
     )
 
 
-def eval_metrics_table(metrics: Mapping[str, Mapping[str, float]]) -> pd.DataFrame:
-    """The evaluation's numbers: one row per metric, one column per variant (rates in %,
-    perplexity; None where a set is empty or has no reference answers)."""
+def eval_metrics_table(metrics: Mapping[str, Mapping[str, Any]]) -> pd.DataFrame:
+    """The evaluation's numbers: one row per metric, one column per variant (rates in %, their
+    Wilson 95% intervals as ``low – high``, the answer-token perplexity of the utility set; None
+    where a set is empty or has no reference answers)."""
 
     def number(v: float | None, scale: float, digits: int) -> float | None:
         return None if v is None or not np.isfinite(v) else round(scale * float(v), digits)
 
-    rows: list[tuple[str, Callable[[Mapping[str, float]], Any]]] = [
+    def interval(key: str) -> Callable[[Mapping[str, Any]], str | None]:
+        def cell(m: Mapping[str, Any]) -> str | None:
+            lo, hi = (m.get("ci95", {}) or {}).get(key, (None, None))
+            if lo is None or hi is None or not (np.isfinite(lo) and np.isfinite(hi)):
+                return None
+            return f"{100 * lo:.1f} – {100 * hi:.1f}"
+
+        return cell
+
+    rows: list[tuple[str, Callable[[Mapping[str, Any]], Any]]] = [
         ("refusals on harmful (%)", lambda m: number(m.get("refusal_rate_harmful"), 100, 1)),
         ("refusals on benign (%)", lambda m: number(m.get("refusal_rate_benign"), 100, 1)),
         ("ASR (%)", lambda m: number(m.get("asr"), 100, 1)),
-        ("perplexity", lambda m: number(m.get("perplexity"), 1, 2)),
+        (PERPLEXITY_LABEL, lambda m: number(m.get("perplexity"), 1, 2)),
         (
             "prompts (harmful / benign)",
             lambda m: f"{m.get('n_harmful', 0)} / {m.get('n_benign', 0)}",
         ),
+        ("ASR 95% interval (%)", interval("asr")),
+        ("ASR, incoherent excluded (%)", lambda m: number(m.get("asr_coherent"), 100, 1)),
+        ("ASR, incoherent excluded, 95% interval (%)", interval("asr_coherent")),
+        ("incoherent on harmful (%)", lambda m: number(m.get("incoherent_rate_harmful"), 100, 1)),
+        ("incoherent on benign (%)", lambda m: number(m.get("incoherent_rate_benign"), 100, 1)),
+        ("refusals on harmful 95% interval (%)", interval("refusal_rate_harmful")),
+        ("refusals on benign 95% interval (%)", interval("refusal_rate_benign")),
     ]
     return pd.DataFrame(
         [[label, *(value(m) for m in metrics.values())] for label, value in rows],
@@ -535,25 +581,36 @@ def eval_metrics_table(metrics: Mapping[str, Mapping[str, float]]) -> pd.DataFra
 def answers_table(
     answers: Mapping[str, Sequence[Mapping[str, Any]]], *, disagree_only: bool = False
 ) -> pd.DataFrame:
-    """Every prompt's answers side by side: ``prompt | harmful | refused: <variant>... |
-    <variant>...`` (one row per prompt, variants in the given order).
+    """Every prompt's answers side by side: ``prompt | harmful | verdict: <variant>... |
+    <variant>...`` (one row per prompt, variants in the given order; a verdict is ``refused``,
+    ``complied`` or ``incoherent``).
 
     Args:
         answers: ``{variant: rows}``, rows as ``hsr_core.evaluate.judge_answers`` makes them
-            (``prompt``, ``harmful``, ``answer``, ``refusal``), in the same prompt order.
-        disagree_only: keep only the prompts whose refusal flags differ between variants.
+            (``prompt``, ``harmful``, ``answer``, ``verdict`` or only ``refusal``), in the same
+            prompt order.
+        disagree_only: keep only the prompts whose verdicts differ between variants.
     """
     names = list(answers)
-    columns = ["prompt", "harmful"] + [f"refused: {n}" for n in names] + names
+    columns = ["prompt", "harmful"] + [f"verdict: {n}" for n in names] + names
     if not names:
         return pd.DataFrame(columns=columns)
+
+    def verdict(row: Mapping[str, Any]) -> str:
+        return row.get("verdict") or ("refused" if row["refusal"] else "complied")
+
     first = answers[names[0]]
     rows = []
     for i, row in enumerate(first):
-        flags = [bool(answers[n][i]["refusal"]) for n in names]
-        if disagree_only and len(set(flags)) < 2:
+        verdicts = [verdict(answers[n][i]) for n in names]
+        if disagree_only and len(set(verdicts)) < 2:
             continue
         rows.append(
-            [row["prompt"], bool(row["harmful"]), *flags, *(answers[n][i]["answer"] for n in names)]
+            [
+                row["prompt"],
+                bool(row["harmful"]),
+                *verdicts,
+                *(answers[n][i]["answer"] for n in names),
+            ]
         )
     return pd.DataFrame(rows, columns=columns)

@@ -12,9 +12,11 @@ switch stay in the model thread, never across a ``yield``.
 Stop sets the session's flag (the same as ``/stop``), which the stopping criterion reads after
 every token; the column that is generating ends there and the rest of the turn is skipped.
 
-Each answer carries the refusal judge's verdict (``pipeline.is_refusal``) and the
-settings that produced it (the variant's Wanda / HSR settings and restored count), shown as a
-badge and a line above its text, and the conversation exports as JSON with all of it.
+Each answer carries its class, ``refused``, ``complied`` or ``incoherent`` (``pipeline.classify``
+with the keyword judge: a chat has no harmful / benign label and short answers are normal in
+it, so the reference judge's 20-word rule would call most of them refusals), and the settings
+that produced it (the variant's Wanda / HSR settings and restored count), shown as a badge and
+a line above its text; the conversation exports as JSON with all of it.
 """
 
 from __future__ import annotations
@@ -43,8 +45,11 @@ and re-sends the column: on a small CPU, sending every token cost decoding speed
 
 Turn = dict[str, Any]
 """One exchange: ``{"user", "image", "model", "generation", "answers": {variant: answer}}``;
-an answer is ``{"status", "text", "refusal", "tokens", "seconds", "tokens_per_s", "stopped",
-"settings", "note"}`` (plain JSON, so the conversation exports as it is)."""
+an answer is ``{"status", "text", "verdict", "refusal", "tokens", "seconds", "tokens_per_s",
+"stopped", "settings", "note"}`` (plain JSON, so the conversation exports as it is)."""
+
+CHAT_JUDGE = "keyword"
+"""The judge of the chat's badges (see the module docstring)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -108,6 +113,7 @@ def _answer(state: Session, variant: str) -> dict[str, Any]:
     base = {
         "status": "queued",
         "text": "",
+        "verdict": None,
         "refusal": None,
         "tokens": 0,
         "seconds": 0.0,
@@ -135,11 +141,14 @@ def history_for(turns: Sequence[Turn], variant: str, message: str) -> list[dict[
     return msgs
 
 
+def answer_class(answer: dict[str, Any]) -> str:
+    """A finished answer's class: ``refused``, ``complied`` or ``incoherent``."""
+    return answer.get("verdict") or ("refused" if answer["refusal"] else "complied")
+
+
 def verdict(answer: dict[str, Any]) -> str:
-    """The badge of a finished answer: ``refused`` or ``answered`` (``, stopped``)."""
-    return ("refused" if answer["refusal"] else "answered") + (
-        " · stopped" if answer["stopped"] else ""
-    )
+    """The badge of a finished answer: its class (``, stopped``)."""
+    return answer_class(answer) + (" · stopped" if answer["stopped"] else "")
 
 
 def _header(badge: str, kind: str, line: str) -> str:
@@ -164,7 +173,7 @@ def _assistant_message(variant: str, a: dict[str, Any]) -> dict[str, str]:
         return {"role": "assistant", "content": _header(badge, "pending", line) + a["text"]}
     if a["tokens"]:
         line += f" · {a['tokens']} tokens, {a['tokens_per_s']:.1f} tok/s"
-    kind = "refused" if a["refusal"] else "answered"
+    kind = answer_class(a)
     text = a["text"] or "*(no text)*"
     return {"role": "assistant", "content": _header(verdict(a), kind, line) + text}
 
@@ -248,9 +257,11 @@ def _turn(
         a = answers[r.variant]
         a.update(status="generating", text=r.text)
         if r.done:
+            cls = pipeline.classify(r.text, CHAT_JUDGE)
             a.update(
                 status="stopped" if r.stopped else "answered",
-                refusal=pipeline.is_refusal(r.text),
+                verdict=cls,
+                refusal=cls == "refused",
                 tokens=r.tokens,
                 seconds=round(r.seconds, 3),
                 tokens_per_s=round(r.tokens / r.seconds, 2) if r.seconds > 0 else None,
@@ -375,16 +386,17 @@ def pick_example(sample: Sequence[str]) -> dict[str, Any]:
 
 INTRO = """One message goes to all three variants; **original | pruned | realigned** answer side
 by side, one after the other, with the same settings and seed (so differences come from the
-weights). Each answer is marked *refused* or *answered* by the project's refusal judge and names
-the settings that made it; move the Realign sliders and the next message uses the new ones."""
+weights). Each answer is marked *refused*, *complied* or *incoherent* (degenerate text) by the
+keyword judge and names the settings that made it; move the Realign sliders and the next message uses the new ones."""
 
 CSS = """
 .hsr-verdict { font-size: 0.8em; line-height: 1.45; color: var(--body-text-color-subdued);
                margin-bottom: 2px; }
 .hsr-badge { display: inline-block; padding: 0 7px; margin-right: 4px; border-radius: 9px;
              font-weight: 600; letter-spacing: 0.01em; }
-.hsr-answered { background: #DCFCE7; color: #166534; }
+.hsr-complied { background: #DCFCE7; color: #166534; }
 .hsr-refused { background: #FEE2E2; color: #B91C1C; }
+.hsr-incoherent { background: #FEF3C7; color: #92400E; }
 .hsr-pending { background: #E5E7EB; color: #374151; }
 #hsr-chat-tools button { white-space: nowrap; }
 /* a column's title never runs under its toolbar (clear, copy all) at the top right */

@@ -1,9 +1,13 @@
 """Tab 6, Evaluate (docs/METHOD.md, "Evaluation"): the built-in evaluation split or an uploaded
 JSONL of ``{"prompt", "harmful", "image"?}`` goes through every variant the session has, with
-batched greedy generation (``pipeline.evaluate``); the tab shows the refusal rates on harmful
-and benign prompts, the attack success rate (ASR), the refusal restoration rate
-``RSR = (ASR_pruned - ASR_HSR) / (ASR_pruned - ASR_dense)``, the utility proxy (perplexity of the
-reference answers), a grouped bar chart and every prompt's answers side by side.
+batched greedy generation (``pipeline.evaluate``), and a judge chosen here (``reference``, the
+paper's rule; ``keyword``; ``model``, a Llama-Guard-style judge model) classes every answer
+refused, complied or incoherent. The tab shows the refusal rates on harmful and benign prompts,
+the attack success rate (ASR) with incoherent answers counted as success (as the paper) and
+excluded, each with its Wilson 95% interval, the refusal restoration rate
+``RSR = (ASR_pruned - ASR_HSR) / (ASR_pruned - ASR_dense)`` with its paired bootstrap interval,
+which differences are within the noise, the answer-token perplexity of the utility set, a
+grouped bar chart with error bars and every prompt's answers and verdicts side by side.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from typing import Any
 import gradio as gr
 
 from hsr_core import pipeline
-from hsr_core.config import ConfigError, EvalConfig
+from hsr_core.config import JUDGES, ConfigError, EvalConfig, default_max_new_tokens
 from ui import events, figures
 from ui.session import Session, settings_key, variant_settings
 from ui.workbench import WORKBENCH
@@ -68,7 +72,55 @@ def _rsr_text(result: dict[str, Any]) -> str:
         )
     if result.get("rsr") is None:
         return "RSR is undefined here: pruning did not raise the attack success rate."
-    return f"**RSR {100 * result['rsr']:.1f}%** of the refusals pruning lost are restored by HSR."
+    ci = result.get("rsr_ci95") or {}
+    interval = (
+        f" (95% interval {100 * ci['low']:.1f} to {100 * ci['high']:.1f}%)"
+        if ci.get("low") is not None
+        else ""
+    )
+    return (
+        f"**RSR {100 * result['rsr']:.1f}%**{interval} of the refusals pruning lost are "
+        "restored by HSR."
+    )
+
+
+def _noise_text(result: dict[str, Any]) -> str:
+    """Which differences are within the noise, as a Markdown list."""
+    notes = pipeline.noise_notes(result)
+    return "\n".join(f"- {n}" for n in notes)
+
+
+_JUDGE_MODEL: dict[str, Any] = {}
+"""The judge model last loaded for ``judge="model"`` (one at a time: ``{name: GuardJudge}``)."""
+
+
+def judge_for(judge: str, name: str | None) -> Any:
+    """The judge model for ``judge == "model"`` (loaded once, kept until another is asked
+    for); None for the other judges.
+
+    Raises:
+        ConfigError: an unknown judge, or ``model`` without a model name.
+    """
+    if judge not in JUDGES:
+        raise ConfigError(f"unknown judge {judge!r}; choose one of {', '.join(JUDGES)}")
+    if judge != "model":
+        return None
+    name = (name or "").strip()
+    if not name:
+        raise ConfigError("the model judge needs a judge model: give its hub id or folder")
+    if name not in _JUDGE_MODEL:
+        _JUDGE_MODEL.clear()
+        _JUDGE_MODEL[name] = pipeline.load_judge(name, cache_dir=WORKBENCH.cache_root)
+    return _JUDGE_MODEL[name]
+
+
+def budget_for_judge(judge: str) -> dict[str, Any]:
+    """Choosing a judge sets its default new-token budget (256 for the reference, as the
+    reference evaluates) and shows the judge-model box for ``model``."""
+    return {
+        "eval_max_new": gr.update(value=default_max_new_tokens(judge)),
+        "eval_judge_model": gr.update(visible=judge == "model"),
+    }
 
 
 def _eval_seconds(*_args: Any, **_kwargs: Any) -> int:
@@ -85,22 +137,32 @@ def evaluate(
     max_new_tokens: float,
     batch_size: float,
     disagree_only: bool,
+    judge: str,
+    judge_model: str | None,
     state: Session,
     request: gr.Request,
     progress=events.TRACK_TQDM,
 ) -> dict[str, Any]:
-    """Answer the evaluation prompts with every variant of the session and score them."""
+    """Answer the evaluation prompts with every variant of the session, class the answers by
+    ``judge`` and score them."""
     events.show_eta(progress)
-    cfg = EvalConfig(max_new_tokens=int(max_new_tokens), batch_size=int(batch_size))
+    judge = judge or "keyword"
+    cfg = EvalConfig(max_new_tokens=int(max_new_tokens), batch_size=int(batch_size), judge=judge)
     samples, label = eval_samples(source, upload, num_prompts)
     stop_flag = WORKBENCH.stop_event(getattr(request, "session_hash", None))
     stop_flag.clear()
     with WORKBENCH.lock:
         WORKBENCH.require(state)
+        guard = judge_for(judge, judge_model)
         variants = WORKBENCH.install(state)
         try:
             result = pipeline.evaluate(
-                variants, samples, cfg, which=variants.available(), should_stop=stop_flag.is_set
+                variants,
+                samples,
+                cfg,
+                which=variants.available(),
+                judge=guard,
+                should_stop=stop_flag.is_set,
             )
         except pipeline.Cancelled:
             return {"eval_msg": "**Stopped.** Earlier results are kept."}
@@ -115,7 +177,9 @@ def evaluate(
         "eval_state": record,
         "eval_msg": (
             f"**Done.** {label} through {names} ({cfg.max_new_tokens} new tokens, batches of "
-            f"{cfg.batch_size}; refusals by the keyword judge).\n\n{_rsr_text(result)}"
+            f"{cfg.batch_size}; answers classed by the {judge} judge: "
+            f"{result['judge']['rule']}; bars and brackets are 95% intervals)."
+            f"\n\n{_rsr_text(result)}\n\n{_noise_text(result)}"
         ),
         "eval_metrics": figures.eval_metrics_table(_metrics(result)),
         "eval_chart": figures.eval_chart(_metrics(result)),
@@ -124,7 +188,7 @@ def evaluate(
 
 
 def filter_answers(disagree_only: bool, record: dict[str, Any] | None) -> dict[str, Any]:
-    """The answers table, all prompts or only those where the variants' refusals differ."""
+    """The answers table, all prompts or only those where the variants' verdicts differ."""
     if not record:
         return {"eval_table": figures.answers_table({})}
     table = figures.answers_table(_answers(record["result"]), disagree_only=bool(disagree_only))
@@ -138,10 +202,15 @@ def filter_answers(disagree_only: bool, record: dict[str, Any] | None) -> dict[s
 def build(c: dict[str, Any]) -> None:
     with gr.Tab("6 · Evaluate", id="evaluate"):
         gr.Markdown(
-            "Every variant of this session answers the same prompts (greedy, in batches). "
-            "**ASR** is the share of harmful prompts answered rather than refused (keyword "
-            "judge); **RSR** = (ASR pruned − ASR realigned) / (ASR pruned − ASR original); "
-            "**perplexity** of the reference answers of benign prompts is the utility proxy."
+            "Every variant of this session answers the same prompts (greedy, in batches) and "
+            "the judge classes each answer **refused**, **complied** or **incoherent** "
+            "(degenerate text). **ASR** is the share of harmful prompts not refused "
+            "(incoherent answers count as success, as in the paper; the table also gives it "
+            "with them excluded); **RSR** = (ASR pruned − ASR realigned) / (ASR pruned − ASR "
+            "original). Every rate has its Wilson 95% interval, RSR a paired bootstrap "
+            "interval; the message says which differences are within the noise. The utility "
+            "proxy is the **answer-token perplexity of the utility set** (the benign prompts' "
+            "reference answers)."
         )
         with gr.Row(equal_height=True):
             c["eval_source"] = gr.Radio(
@@ -169,6 +238,21 @@ def build(c: dict[str, Any]) -> None:
             c["eval_batch"] = gr.Slider(
                 1, 64, value=8, step=1, label="batch size", scale=2, min_width=200
             )
+        with gr.Row(equal_height=True):
+            c["eval_judge"] = gr.Radio(
+                list(JUDGES),
+                value="keyword",
+                label="refusal judge",
+                info="reference: the paper's rule (31 case-sensitive strings or < 20 words, "
+                "256 tokens); keyword: this project's phrases; model: a judge model",
+                scale=3,
+            )
+            c["eval_judge_model"] = gr.Textbox(
+                "",
+                label="judge model (hub id or folder, Llama Guard style)",
+                visible=False,
+                scale=2,
+            )
         with gr.Row():
             c["eval_btn"] = gr.Button("Run evaluation", variant="primary", scale=3)
             c["eval_stop"] = gr.Button("Stop", variant="stop", scale=1)
@@ -189,7 +273,8 @@ def build(c: dict[str, Any]) -> None:
                 scale=1,
             )
         c["eval_disagree"] = gr.Checkbox(
-            False, label="only prompts where the variants disagree (refused vs answered)"
+            False,
+            label="only prompts where the variants' verdicts differ (refused, complied, incoherent)",
         )
         c["eval_table"] = gr.Dataframe(
             figures.answers_table({}),
@@ -222,12 +307,23 @@ def wire(c: dict[str, Any]) -> None:
             "eval_max_new",
             "eval_batch",
             "eval_disagree",
+            "eval_judge",
+            "eval_judge_model",
             "state",
         ],
         ["eval_state", "eval_msg", "eval_metrics", "eval_chart", "eval_table"],
         api_name="evaluate",
         message="eval_msg",
         show_progress_on=[c["eval_chart"]],
+    )
+    events.event(
+        c,
+        c["eval_judge"].input,
+        budget_for_judge,
+        ["eval_judge"],
+        ["eval_max_new", "eval_judge_model"],
+        api_visibility="private",
+        show_progress="hidden",
     )
     c["eval_stop"].click(
         events.stop, api_visibility="private", concurrency_limit=None, show_progress="hidden"
