@@ -199,6 +199,7 @@ def rows_to_samples(
     *,
     need_response: bool = False,
     base_dir: Path | None = None,
+    image_paths: bool = True,
 ) -> list[Sample]:
     """Turn table rows into samples through a column mapping.
 
@@ -209,6 +210,8 @@ def rows_to_samples(
             names (identity when omitted).
         need_response: every row must have a non-empty response.
         base_dir: relative image paths are resolved against it.
+        image_paths: rows may name image files; False refuses a row that does, before its path
+            is looked at (rows from someone who may not read this machine's files).
 
     Raises:
         DataError: naming the source and the row.
@@ -238,6 +241,11 @@ def rows_to_samples(
         if image is not None and image != "":
             if not isinstance(image, str):
                 raise DataError(f"{where}: image must be a file path")
+            if not image_paths:
+                raise DataError(
+                    f"{where}: names an image file, and this source may not name files "
+                    "(remove the image column)"
+                )
             image_path = Path(image)
             if base_dir is not None and not image_path.is_absolute():
                 image_path = base_dir / image_path
@@ -269,12 +277,19 @@ def load_table(
     *,
     split: str = "train",
     need_response: bool = False,
+    image_paths: bool = True,
 ) -> list[Sample]:
-    """Samples from a local JSON/JSONL/CSV file or a ``datasets`` hub dataset id."""
+    """Samples from a local JSON/JSONL/CSV file or a ``datasets`` hub dataset id (rows may
+    name image files unless ``image_paths`` is False)."""
     path = Path(source).expanduser()
     if path.exists():
         return rows_to_samples(
-            _read_rows(path), str(path), columns, need_response=need_response, base_dir=path.parent
+            _read_rows(path),
+            str(path),
+            columns,
+            need_response=need_response,
+            base_dir=path.parent,
+            image_paths=image_paths,
         )
     if str(source).endswith((".json", ".jsonl", ".csv")):
         raise DataError(f"no data file {source}")
@@ -287,7 +302,9 @@ def load_table(
             f"could not load dataset {source!r} (split {split!r}) from the hub: "
             f"{type(e).__name__}: {e}. Check the id and the network, or give a local file."
         ) from e
-    return rows_to_samples(list(ds), str(source), columns, need_response=need_response)
+    return rows_to_samples(
+        list(ds), str(source), columns, need_response=need_response, image_paths=image_paths
+    )
 
 
 VLGUARD_POOLS = ("reference", "all")
@@ -430,8 +447,9 @@ def builtin_examples(per_kind: int = 3) -> tuple[tuple[str, str, str], ...]:
     return tuple(r for k in EXAMPLE_KINDS for r in picked[k])
 
 
-def load_eval(source: str | Path) -> list[Sample]:
-    """Evaluation prompts: ``builtin`` or a JSONL of ``{"prompt", "harmful", "image"?}``."""
+def load_eval(source: str | Path, *, image_paths: bool = True) -> list[Sample]:
+    """Evaluation prompts: ``builtin`` or a JSONL of ``{"prompt", "harmful", "image"?}`` (whose
+    rows may name image files unless ``image_paths`` is False)."""
     if str(source) == "builtin":
         return builtin_eval()
     path = Path(source).expanduser()
@@ -440,9 +458,9 @@ def load_eval(source: str | Path) -> list[Sample]:
         rows = [
             {**r, "response": r.get("response") or r.get("reference")} for r in _read_rows(path)
         ]
-        samples = rows_to_samples(rows, str(path), base_dir=path.parent)
+        samples = rows_to_samples(rows, str(path), base_dir=path.parent, image_paths=image_paths)
     else:
-        samples = load_table(source)
+        samples = load_table(source, image_paths=image_paths)
     for i, s in enumerate(samples, start=1):
         if s.harmful is None:
             raise DataError(f"{source}: row {i}: missing 'harmful' (true or false)")
@@ -455,6 +473,7 @@ def load_calibration(
     columns: dict[str, str] | None = None,
     utility_source: str | None = None,
     split: str = "train",
+    image_paths: bool = True,
 ) -> CalibrationData:
     """The two calibration sets from a data spec.
 
@@ -466,6 +485,8 @@ def load_calibration(
         columns: column mapping for files and hub datasets.
         utility_source: a separate file or dataset for the utility set.
         split: the hub dataset split.
+        image_paths: rows of files and hub datasets may name image files (False refuses
+            them; ``rows_to_samples``).
     """
     if source == "builtin":
         return builtin_calibration()
@@ -477,9 +498,10 @@ def load_calibration(
         if (Path(source) / "train.json").exists():
             return load_vlguard(source)
         raise DataError(f"folder {source} holds no VLGuard train.json")
-    rows = load_table(source, columns, split=split, need_response=True)
+    table = {"split": split, "need_response": True, "image_paths": image_paths}
+    rows = load_table(source, columns, **table)
     if utility_source is not None:
-        utility = load_table(utility_source, columns, split=split, need_response=True)
+        utility = load_table(utility_source, columns, **table)
         return CalibrationData(rows, utility, source=f"{source} + {utility_source}")
     if any(s.harmful is None for s in rows):
         raise DataError(

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from . import data as data_mod
+from .builtin import builtin_names
 from .card import model_card
 from .chat import Reply, stream_columns
 from .config import EvalConfig, RealignConfig, RunConfig, ShipsConfig, WandaConfig, to_dict
@@ -93,6 +94,7 @@ __all__ = [
     "write_json",
     # loading
     "builtin_examples",
+    "builtin_names",
     "default_cache_dir",
     "load_calibration",
     "load_eval",

@@ -11,8 +11,8 @@ through one ``ModelThread`` keeps one team.
 ``call`` runs a function there and returns its result (or raises its exception) in the
 caller's thread; ``submit`` returns a ``Future``. The caller's ``contextvars`` travel with the
 call (gradio finds an event's progress bar through them). Calls from the model thread itself
-run inline, so nested use cannot deadlock. After a fork (e.g. a ZeroGPU worker process) the
-thread is started afresh in the child.
+run inline, so nested use cannot deadlock. After a fork (a ``multiprocessing`` worker, say)
+the thread is started afresh in the child.
 """
 
 from __future__ import annotations

@@ -108,9 +108,18 @@ def free_port() -> int:
 
 @contextmanager
 def running_app(
-    cache_dir: Path, *, timeout: float = 180.0, app_dir: Path = ROOT, port: int | None = None
+    cache_dir: Path,
+    *,
+    timeout: float = 180.0,
+    app_dir: Path = ROOT,
+    port: int | None = None,
+    env: dict[str, str] | None = None,
+    python: str | Path = sys.executable,
 ) -> Iterator[str]:
     """Start ``python app.py`` (of ``app_dir``); yield its URL once it answers; stop it after.
+
+    ``env`` adds to (or overrides) the environment described above; ``python`` is the
+    interpreter (another virtual environment's, for the Space simulation).
 
     Raises:
         RuntimeError: with the server's log when it exits or does not answer in time.
@@ -126,11 +135,12 @@ def running_app(
         "GRADIO_SERVER_NAME": "127.0.0.1",
         "GRADIO_SERVER_PORT": str(port),
         "PYTHONUNBUFFERED": "1",
+        **(env or {}),
     }
     url = f"http://127.0.0.1:{port}/"
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
-            [sys.executable, "app.py"], cwd=app_dir, env=env, stdout=log, stderr=subprocess.STDOUT
+            [str(python), "app.py"], cwd=app_dir, env=env, stdout=log, stderr=subprocess.STDOUT
         )
     try:
         deadline = time.monotonic() + timeout

@@ -214,25 +214,6 @@ def test_out_of_memory_is_explained() -> None:
     assert explain(RuntimeError("a bug")) is None
 
 
-def test_gpu_steps_use_spaces_when_it_is_there(monkeypatch: pytest.MonkeyPatch) -> None:
-    from ui import events
-    from ui.tabs import attribute
-
-    assert events.gpu(60)(len) is len  # no spaces package: nothing changes
-    seen = []
-
-    class FakeSpaces:
-        @staticmethod
-        def GPU(duration):  # noqa: N802 (the spaces API)
-            seen.append(duration)
-            return lambda fn: fn
-
-    monkeypatch.setattr(events, "spaces", FakeSpaces)
-    events.gpu(attribute._ships_seconds)(len)
-    assert seen == [attribute._ships_seconds]
-    assert attribute._ships_seconds(128, "zero", "angle") == 286
-
-
 def test_eta_is_added_to_the_progress_text() -> None:
     from ui.events import show_eta
 

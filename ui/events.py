@@ -7,9 +7,7 @@ A tab builds its components into one dict ``c`` (name -> component) and wires it
 into the dicts keyed by component that gradio expects. Every event that touches the model
 shares one concurrency group of size 1 (``MODEL``) and runs in the model thread
 (``ui.workbench.MODEL_THREAD``, see ``on_model_thread``); every action has a named API endpoint.
-
-On Hugging Face ZeroGPU Spaces attribution and pruning run inside ``spaces.GPU`` (``gpu``);
-elsewhere that wrapper does nothing.
+What public mode refuses (``ui.public.Refused``) is a message like the core's errors.
 """
 
 from __future__ import annotations
@@ -19,22 +17,18 @@ import inspect
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any
 
 import gradio as gr
 
 from hsr_core import pipeline
 from hsr_core.config import ConfigError
+from ui.public import Refused
 from ui.session import SessionError
 from ui.workbench import MODEL_THREAD, WORKBENCH
 
 log = logging.getLogger("hsr.app")
-
-try:  # Hugging Face Spaces (ZeroGPU): GPU work must run inside spaces.GPU
-    import spaces
-except ImportError:
-    spaces = None
 
 TRACK_TQDM = gr.Progress(track_tqdm=True)
 PROGRESS = gr.Progress()
@@ -50,20 +44,6 @@ PRIVATE = {"queue": False, "api_visibility": "private", "show_progress": "hidden
 """Settings of the small events that lock and unlock buttons (no queue, no endpoint)."""
 
 
-def gpu(duration: int | Callable[..., int]) -> Callable[[Callable], Callable]:
-    """``spaces.GPU(duration=...)`` on a ZeroGPU Space; a no-op elsewhere.
-
-    ZeroGPU runs such a function in a forked process: what it returns comes back, what it
-    changes in this process's memory does not. So only the heavy, self-contained steps
-    (attribution and pruning, whose results return in the session state and whose statistics
-    go to the on-disk cache) are wrapped; loading and the live realignment run here.
-    ``duration`` may be a function of the handler's arguments (seconds to reserve).
-    """
-    if spaces is None:
-        return lambda fn: fn
-    return spaces.GPU(duration=duration)
-
-
 def explain(exc: BaseException) -> tuple[str, str] | None:
     """``(title, message)`` for an error the user can act on, or None for a bug."""
     if isinstance(exc, pipeline.OutOfMemoryError):
@@ -73,6 +53,8 @@ def explain(exc: BaseException) -> tuple[str, str] | None:
             "The step ran out of memory. Use fewer samples, a smaller model, bfloat16, or "
             "the CPU; earlier results are kept.",
         )
+    if isinstance(exc, Refused):
+        return "Not allowed in this public app", str(exc)
     if isinstance(exc, SessionError):
         return "Not yet", str(exc)
     if isinstance(exc, pipeline.ArchitectureError):
@@ -138,6 +120,20 @@ def stop(request: gr.Request) -> None:
 def forget(request: gr.Request) -> None:
     """Drop the session's Stop flag when its tab closes."""
     WORKBENCH.forget(request.session_hash)
+
+
+def drop_state(demo: gr.Blocks, request: gr.Request) -> None:
+    """Delete a closed session's ``gr.State`` values now (public mode; an ``unload`` event).
+
+    Gradio marks a disconnected session closed and keeps its state another hour
+    (``gradio/state_holder.py``: ``SessionState.STATE_TTL_WHEN_CLOSED = 3600``, which then
+    replaces a shorter ``time_to_live``). This deletes it at once, the way gradio deletes
+    expired state, so each value's ``delete_callback`` runs.
+    """
+    holder = getattr(demo, "state_holder", None)
+    if holder is not None:
+        with suppress(KeyError):  # gradio's own clean-up deleted it meanwhile
+            holder.delete_state(request.session_hash)
 
 
 def _reraise(exc: BaseException) -> None:
@@ -243,11 +239,9 @@ def on_model_thread(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     Gradio calls handlers from a pool of persistent threads; torch work spread over several
     of them slows CPU decoding about 2x (``hsr_core.worker``). Streaming handlers are left as
-    they are: the chat's turns submit their own work to the model thread. On a ZeroGPU Space
-    (``spaces.GPU`` runs the heavy steps in a forked process) handlers run where gradio calls
-    them.
+    they are: the chat's turns submit their own work to the model thread.
     """
-    if inspect.isgeneratorfunction(fn) or spaces is not None:
+    if inspect.isgeneratorfunction(fn):
         return fn
 
     @functools.wraps(fn)

@@ -13,9 +13,10 @@ from typing import Any
 
 import gradio as gr
 
-from ui import events
+from ui import events, public
 from ui.session import Session
 from ui.tabs import attribute, chat, evaluate, export, header, model, prune, realign
+from ui.workbench import WORKBENCH
 
 TABS = [header, model, attribute, prune, realign, chat, evaluate, export]
 """The page, top to bottom: the header, then the tabs in order (each has ``build`` and
@@ -23,7 +24,8 @@ TABS = [header, model, attribute, prune, realign, chat, evaluate, export]
 
 
 def launch_kwargs() -> dict[str, Any]:
-    """Theme, CSS and head script for ``demo.launch`` (gradio 6 takes them there)."""
+    """Theme, CSS and head script for ``demo.launch`` (gradio 6 takes them there), and in
+    public mode the upload limit (``ui.public``)."""
     theme = gr.themes.Soft(
         primary_hue="blue",
         font=[gr.themes.Font("Inter"), gr.themes.Font("system-ui"), "sans-serif"],
@@ -31,13 +33,19 @@ def launch_kwargs() -> dict[str, Any]:
     )
     css = "".join(getattr(tab, "CSS", "") for tab in TABS)
     head = "".join(getattr(tab, "HEAD", "") for tab in TABS)
-    return {"theme": theme, "css": css, "head": head}
+    return {"theme": theme, "css": css, "head": head, **public.POLICY.launch_options()}
 
 
 def build_demo() -> gr.Blocks:
-    """The HSR Workbench app. Loads nothing: models load when the user asks."""
-    with gr.Blocks(title="HSR Workbench") as demo:
-        c: dict[str, Any] = {"state": gr.State(Session())}
+    """The HSR Workbench app. Loads nothing: models load when the user asks.
+
+    In public mode (``ui.public``) the session's state has a time-to-live and is deleted when
+    its tab closes (the shared model then forgets its masks: ``Workbench.drop``), uploads and
+    downloads are deleted after that time too, and the queue is bounded.
+    """
+    policy = public.POLICY
+    with gr.Blocks(title="HSR Workbench", **policy.blocks_options()) as demo:
+        c: dict[str, Any] = {"state": gr.State(Session(), **policy.state_options(WORKBENCH.drop))}
         header.build(c)
         with gr.Tabs():
             for tab in TABS[1:]:
@@ -45,4 +53,13 @@ def build_demo() -> gr.Blocks:
         for tab in TABS:
             tab.wire(c)
         demo.unload(events.forget)
+        if policy.public:
+
+            def drop_state(request: gr.Request) -> None:
+                events.drop_state(demo, request)
+
+            demo.unload(drop_state)
+    queue = policy.queue_options()
+    if queue is not None:
+        demo.queue(**queue)
     return demo

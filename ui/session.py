@@ -32,11 +32,13 @@ class DataSpec:
         source: ``builtin``, a VLGuard folder, a file path or a hub dataset id.
         columns: column mapping for files and hub datasets.
         label: how the UI names it.
+        image_paths: rows may name image files on this machine (not in public mode).
     """
 
     source: str = "builtin"
     columns: tuple[tuple[str, str], ...] = ()
     label: str = "built-in"
+    image_paths: bool = True
 
     @property
     def key(self) -> str:

@@ -14,9 +14,11 @@ session's masks and restore set into them (``Variants.install``).
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,15 @@ LIVE_CACHE_MAX_WEIGHTS = pipeline.KEEP_MASKS_MAX_WEIGHTS
 projection right after pruning and keep the unpacked masks (``RankCache``), so every slider
 move of the Realign tab is fast; bigger models rank the layers of the selected heads on first
 use and unpack masks on every move."""
+
+
+log = logging.getLogger("hsr.app")
+
+
+def _log_failure(done: Future) -> None:
+    """Log the error of work queued without anyone waiting for it."""
+    if done.exception() is not None:
+        log.error("queued model work failed", exc_info=done.exception())
 
 
 def model_key(spec: ModelSpec) -> str:
@@ -143,6 +154,23 @@ class Workbench:
             self.variants.install(session.masks, session.restore)
             return self.variants
 
+    def drop(self, session: Session) -> None:
+        """Forget a session that is gone (its state expired or its tab closed): when its masks
+        are the ones in the shared variants, they and its restore set leave them, so the model
+        holds nothing of it. Queued for the model thread; returns at once (gradio calls this
+        from its event loop, as the ``delete_callback`` of the session's ``gr.State``).
+        """
+        masks = session.masks
+        if masks is None:
+            return
+
+        def forget() -> None:
+            with self.lock:
+                if self.variants is not None and self.variants.masks is masks:
+                    self.variants.install(None, None)
+
+        MODEL_THREAD.submit(forget).add_done_callback(_log_failure)
+
     # -- data, norms, ranks ---------------------------------------------------------------
 
     def calibration(self, spec: DataSpec) -> pipeline.CalibrationData:
@@ -150,7 +178,9 @@ class Workbench:
         with self.lock:
             hit = self._data.hit(spec.key)
         if hit is None:  # read (or download) without holding up the model's events
-            hit = pipeline.load_calibration(spec.source, columns=spec.column_map())
+            hit = pipeline.load_calibration(
+                spec.source, columns=spec.column_map(), image_paths=spec.image_paths
+            )
             with self.lock:
                 self._data.put(spec.key, hit)
         return hit

@@ -15,12 +15,6 @@ from ui.session import Session, status_line
 from ui.workbench import WORKBENCH
 
 
-def _ships_seconds(num_samples: float, *_args: Any, **_kwargs: Any) -> int:
-    """GPU time to reserve for attribution (ZeroGPU): about 2 s a probe prompt on a 7B model."""
-    return min(300, 30 + 2 * int(num_samples))
-
-
-@events.gpu(duration=_ships_seconds)
 @events.user_errors("Ships attribution")
 def attribute(
     num_samples: float,

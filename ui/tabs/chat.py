@@ -33,7 +33,7 @@ import gradio as gr
 
 from hsr_core import pipeline
 from hsr_core.config import ConfigError, GenerationSettings, to_dict
-from ui import events
+from ui import events, public
 from ui.session import Session, variant_settings
 from ui.workbench import MODEL_THREAD, WORKBENCH, download_dir
 
@@ -495,7 +495,7 @@ def build(c: dict[str, Any]) -> None:
                     )
         with gr.Accordion("Last turn (JSON: answers, refusal flags, settings, speed)", open=False):
             c["chat_turn"] = gr.JSON(label="last turn", show_label=False)
-        c["chat_state"] = gr.State([])
+        c["chat_state"] = gr.State([], **public.POLICY.state_options())
 
 
 SETTINGS = ["chat_system", "chat_max_new", "chat_temperature", "chat_top_p", "chat_seed"]

@@ -19,7 +19,7 @@ import gradio as gr
 
 from hsr_core import pipeline
 from hsr_core.config import JUDGES, ConfigError, EvalConfig, default_max_new_tokens
-from ui import events, figures
+from ui import events, figures, public
 from ui.session import Session, settings_key, variant_settings
 from ui.workbench import WORKBENCH
 
@@ -38,7 +38,9 @@ def eval_samples(source: str, upload: str | None, num_prompts: float) -> tuple[l
     elif source == "upload":
         if not upload:
             raise ConfigError('upload a JSONL file of {"prompt", "harmful", "image"?} rows')
-        samples, label = pipeline.load_eval(upload), f"`{Path(upload).name}`"
+        public.POLICY.check_upload(upload, "evaluation file")
+        samples = pipeline.load_eval(upload, image_paths=public.POLICY.image_paths)
+        label = f"`{Path(upload).name}`"
     else:
         raise ConfigError(f"unknown evaluation source {source!r}; choose one of {EVAL_SOURCES}")
     n = int(num_prompts or 0)
@@ -123,12 +125,6 @@ def budget_for_judge(judge: str) -> dict[str, Any]:
     }
 
 
-def _eval_seconds(*_args: Any, **_kwargs: Any) -> int:
-    """GPU time to reserve for an evaluation (ZeroGPU)."""
-    return 300
-
-
-@events.gpu(duration=_eval_seconds)
 @events.user_errors("Evaluate")
 def evaluate(
     source: str,
@@ -285,7 +281,7 @@ def build(c: dict[str, Any]) -> None:
             column_widths=["22%", "7%", "7%", "7%", "7%", "16%", "17%", "17%"],
             elem_id="hsr-eval-table",
         )
-        c["eval_state"] = gr.State(None)
+        c["eval_state"] = gr.State(None, **public.POLICY.state_options())
 
 
 def wire(c: dict[str, Any]) -> None:

@@ -1,7 +1,8 @@
 """Tab 7, Export: the pruned or realigned model as a ``save_pretrained`` folder in a zip with a
 model card (``pipeline.model_card``), pushed to the Hugging Face hub when asked, and the run's
 ``heads.jsonl`` / ``summary.json`` (and ``eval.json``) written exactly as the command line
-writes them, from a ``RunConfig`` built of the session's configs.
+writes them, from a ``RunConfig`` built of the session's configs. In public mode a push needs
+the visitor's own token (``ui.public``); nothing here takes a path of the server.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from hsr_core.config import (
     ShipsConfig,
     WandaConfig,
 )
-from ui import events
+from ui import events, public
 from ui.session import Session, SessionError, matching_evaluation
 from ui.workbench import WORKBENCH, download_dir
 
@@ -183,6 +184,7 @@ def push_to_hub(
     repo_id = (repo_id or "").strip()
     if not REPO_ID.match(repo_id):
         raise ConfigError(f"the repository id must look like user/name, got {repo_id!r}")
+    public.POLICY.check_push_token(token)
     _require_variant(state, variant)
     WORKBENCH.require(state)
     api = HfApi(token=(token or "").strip() or None)
@@ -231,7 +233,11 @@ def build(c: dict[str, Any]) -> None:
                         "",
                         label="token",
                         type="password",
-                        placeholder="hf_... (write access); empty: this machine's login",
+                        placeholder=(
+                            "hf_... (your own token with write access)"
+                            if public.POLICY.public
+                            else "hf_... (write access); empty: this machine's login"
+                        ),
                     )
                     c["hub_private"] = gr.Checkbox(True, label="private repository")
                     c["push_btn"] = gr.Button("Push")

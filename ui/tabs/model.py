@@ -3,7 +3,8 @@
 Loading a model makes it the process's shared model (``ui.workbench.Workbench.load``: the
 name is resolved and the architecture checked before the previous model is released); a new
 model or new data empties the later steps' results of this session and suggests sample counts
-that finish in minutes on the device.
+that finish in minutes on the device. In public mode (``ui.public``) the model is the one the
+operator serves and data comes from no file of the server.
 """
 
 from __future__ import annotations
@@ -16,11 +17,11 @@ import gradio as gr
 
 from hsr_core import pipeline
 from hsr_core.config import DTYPES, ConfigError, ModelSpec, parse_columns
-from ui import events, figures
+from ui import events, figures, public
 from ui.session import DataSpec, Session, status_line
 from ui.workbench import WORKBENCH
 
-DEFAULT_MODEL = "builtin:smollm2-135m-safe"
+DEFAULT_MODEL = public.DEFAULT_MODEL
 MODEL_PRESETS = [
     DEFAULT_MODEL,
     "builtin:smollm2-135m",
@@ -88,6 +89,7 @@ def load_model(
 ) -> dict[str, Any]:
     """Load a model (or reuse it when this process has it already) and describe it."""
     spec = ModelSpec(name=(name or "").strip(), dtype=dtype, device=device)
+    public.POLICY.check_model(spec)
     progress(0.05, desc=f"Loading {spec.name}")
     t0 = time.perf_counter()
     changed = WORKBENCH.load(spec, log=lambda msg: progress(0.3, desc=msg))
@@ -111,9 +113,17 @@ DATA_SOURCES = ("built-in", "VLGuard folder", "hub dataset", "file")
 
 
 def data_spec(source: str, location: str, columns: str, upload: str | None) -> DataSpec:
-    """The widgets of the data section as a ``DataSpec``."""
+    """The widgets of the data section as a ``DataSpec`` (what public mode allows of them).
+
+    Raises:
+        ConfigError: a field missing or malformed.
+        ui.public.Refused: in public mode, data from the server's disk or off the allow-list.
+    """
+    policy = public.POLICY
+    policy.check_data(source, location, upload)
     location = (location or "").strip()
     cols = parse_columns(columns)
+    images = policy.image_paths
     if source == "built-in":
         return DataSpec("builtin", (), "built-in")
     if source == "VLGuard folder":
@@ -123,12 +133,12 @@ def data_spec(source: str, location: str, columns: str, upload: str | None) -> D
     if source == "hub dataset":
         if not location:
             raise ConfigError("give a hub dataset id, e.g. org/name")
-        return DataSpec(location, cols, f"hub dataset {location}")
+        return DataSpec(location, cols, f"hub dataset {location}", images)
     if source == "file":
         path = upload or location
         if not path:
             raise ConfigError("upload a JSONL/JSON/CSV file or give its path")
-        return DataSpec(str(path), cols, f"file {Path(path).name}")
+        return DataSpec(str(path), cols, f"file {Path(path).name}", images)
     raise ConfigError(f"unknown data source {source!r}; choose one of {DATA_SOURCES}")
 
 
@@ -167,12 +177,17 @@ def build(c: dict[str, Any]) -> None:
     with gr.Tab("1 · Model & data", id="model"), gr.Row(equal_height=False):
         with gr.Column(scale=3):
             gr.Markdown("### Model")
+            policy = public.POLICY
             c["model_name"] = gr.Dropdown(
-                MODEL_PRESETS,
-                value=DEFAULT_MODEL,
+                policy.model_choices(MODEL_PRESETS),
+                value=policy.model if policy.public else DEFAULT_MODEL,
                 allow_custom_value=True,
                 label="Model",
-                info="A preset, any Hugging Face hub id, or a local save_pretrained folder.",
+                info=(
+                    "This public app serves one model to every visitor, chosen by its operator."
+                    if policy.public
+                    else "A preset, any Hugging Face hub id, or a local save_pretrained folder."
+                ),
                 elem_id="hsr-model",
             )
             with gr.Row():
@@ -181,15 +196,21 @@ def build(c: dict[str, Any]) -> None:
                     value="auto",
                     label="dtype",
                     info="auto: bfloat16 on a GPU, float32 on the CPU",
+                    interactive=False if policy.public else None,
                 )
-                c["device"] = gr.Dropdown(DEVICES, value="auto", label="device")
+                c["device"] = gr.Dropdown(
+                    DEVICES,
+                    value="auto",
+                    label="device",
+                    interactive=False if policy.public else None,
+                )
             c["load_btn"] = gr.Button("Load model", variant="primary")
             c["load_status"] = gr.Markdown(elem_id="hsr-load-status", label="load status")
             c["model_info"] = gr.Markdown(elem_id="hsr-model-info", label="model info")
         with gr.Column(scale=2):
             gr.Markdown("### Calibration data")
             c["data_source"] = gr.Radio(
-                list(DATA_SOURCES),
+                policy.data_sources(DATA_SOURCES),
                 value="built-in",
                 label="Source",
                 info="Harmful requests with refusals (safety set) and benign requests with "
@@ -243,11 +264,11 @@ def wire(c: dict[str, Any]) -> None:
         show_progress_on=[c["load_status"]],
     )
 
+    typed = ("VLGuard folder", "hub dataset") if public.POLICY.public else DATA_SOURCES[1:]
+
     def show_fields(source: str) -> dict[Any, Any]:
         return {
-            c["data_location"]: gr.update(
-                visible=source in ("VLGuard folder", "hub dataset", "file")
-            ),
+            c["data_location"]: gr.update(visible=source in typed),
             c["columns"]: gr.update(visible=source in ("hub dataset", "file")),
             c["upload"]: gr.update(visible=source == "file"),
         }

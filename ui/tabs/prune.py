@@ -27,14 +27,6 @@ def wanda_config(sparsity: float, structure: str, mode: str, num_samples: float)
     )
 
 
-def _prune_seconds(
-    _sparsity: float, _structure: str, _mode: str, num_samples: float, *_a: Any, **_kw: Any
-) -> int:
-    """GPU time to reserve for calibration and pruning (ZeroGPU)."""
-    return min(300, 60 + int(num_samples))
-
-
-@events.gpu(duration=_prune_seconds)
 @events.user_errors("Calibrate & prune")
 def prune(
     sparsity: float,
@@ -74,14 +66,13 @@ def prune(
             state, wanda=cfg, norms_key=key, masks=masks.value, sparsity=report, restore=None
         )
         WORKBENCH.install(new)  # the dense copy is made here, not at the first chat turn
-        if events.spaces is None:  # under ZeroGPU this process's caches would not survive
-            with suppress(pipeline.Cancelled):  # the ranks are a head start; the masks are done
-                pipeline.warm_ranks(
-                    loaded,
-                    WORKBENCH.rank_cache(new),
-                    max_weights=LIVE_CACHE_MAX_WEIGHTS,
-                    should_stop=should_stop,
-                )
+        with suppress(pipeline.Cancelled):  # the ranks are a head start; the masks are done
+            pipeline.warm_ranks(
+                loaded,
+                WORKBENCH.rank_cache(new),
+                max_weights=LIVE_CACHE_MAX_WEIGHTS,
+                should_stop=should_stop,
+            )
     stats = "from the cache" if norms.cached else f"in {norms.seconds:.1f} s"
     shape = f"{cfg.n}:{cfg.m}" if cfg.structure == "n:m" else "unstructured"
     return {
