@@ -8,6 +8,8 @@ computed before) and write their files into ``--out``:
     prune      summary.json (+ pruned/)        Wanda masks, achieved sparsity
     realign    summary.json (+ both folders)   HSR restore set and its accounting
     evaluate   eval.json                       refusals, ASR, RSR, perplexity per variant
+    localize   localize.json                   the localization ladder (our study): where the
+                                               lost safety can be won back
     export     pruned/, realigned/             save_pretrained folders
     run        all of the above
 """
@@ -25,8 +27,11 @@ from typing import Any
 
 from .config import (
     JUDGES,
+    RUNGS,
+    SCOPES,
     ConfigError,
     EvalConfig,
+    LocalizeConfig,
     ModelSpec,
     RealignConfig,
     RunConfig,
@@ -45,6 +50,9 @@ COMMANDS = {
     "realign": "HSR restore set inside the top heads (writes summary.json; --export: pruned/, realigned/).",
     "evaluate": "Answer the evaluation prompts with each variant (writes eval.json).",
     "export": "Write the pruned and realigned models as save_pretrained folders.",
+    "localize": "The localization ladder (HSR Workbench's own study, not the paper's): ASR when "
+    "HSR's set, random heads, the top heads, all attention or all MLP weights are put back, and "
+    "of the dense model with the top heads ablated (writes localize.json).",
     "run": "All steps: heads.jsonl, summary.json, and eval.json / exports when asked.",
 }
 EXAMPLE = """example:
@@ -151,11 +159,29 @@ def _add_common(p: argparse.ArgumentParser, command: str) -> None:
         help="heads realigned (default 10, or every head of a model with fewer)",
     )
     r.add_argument("--slicing", default="head", choices=["head", "reference"])
+    r.add_argument(
+        "--scope",
+        default="heads",
+        choices=list(SCOPES),
+        help="heads: the paper's (attention heads only); heads+mlp: our extension, also the "
+        "same band in the MLPs of the layers holding the selected heads",
+    )
+
+    lz = p.add_argument_group("localization ladder (localize)")
+    lz.add_argument(
+        "--ladder-k", type=int, default=None, help="heads of the head rungs (default: top_h)"
+    )
+    lz.add_argument("--ladder-seeds", type=int, default=3, help="random-head draws (default 3)")
+    lz.add_argument(
+        "--rungs",
+        default=",".join(RUNGS),
+        help=f"comma-separated rungs (default all: {','.join(RUNGS)})",
+    )
 
     e = p.add_argument_group("evaluation and export")
     e.add_argument(
         "--eval-data",
-        default=None if command != "evaluate" else "builtin",
+        default=None if command not in ("evaluate", "localize") else "builtin",
         help='builtin or a JSONL of {"prompt", "harmful", "image"?}',
     )
     e.add_argument(
@@ -251,10 +277,25 @@ def run_config(args: argparse.Namespace, total_heads: int | None = None) -> RunC
             batch_size=args.calib_batch,
             **parse_structure(args.structure),
         ),
-        realign=RealignConfig(args.p, args.q, args.max_p, top_h, args.slicing),
+        realign=RealignConfig(args.p, args.q, args.max_p, top_h, args.slicing, args.scope),
         eval=eval_config(args),
         heads_file=str(args.heads) if args.heads else None,
     )
+
+
+def localize_config(args: argparse.Namespace) -> LocalizeConfig:
+    rungs = tuple(r.strip() for r in args.rungs.split(",") if r.strip())
+    return LocalizeConfig(top_k=args.ladder_k, seeds=args.ladder_seeds, rungs=rungs)
+
+
+def judge_model(args: argparse.Namespace, cache_root: Path, log: Any) -> Any:
+    """The optional judge model (``--judge-model``), loaded."""
+    if not args.judge_model:
+        return None
+    from . import pipeline as pl
+
+    spec = ModelSpec(args.judge_model, dtype=args.dtype, device=args.device)
+    return pl.GuardJudge(pl.load_model(spec, cache_dir=cache_root, log=log))
 
 
 def execute(command: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -264,6 +305,8 @@ def execute(command: str, args: argparse.Namespace) -> dict[str, Any]:
     from . import pipeline as pl
 
     run = run_config(args)  # checks every setting before a model is loaded
+    if command == "localize":
+        localize_config(args)
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     cache_root = args.cache_dir or pl.default_cache_dir()
@@ -295,7 +338,7 @@ def execute(command: str, args: argparse.Namespace) -> dict[str, Any]:
     )
 
     scores = None
-    if command in ("attribute", "realign", "evaluate", "export", "run"):
+    if command in ("attribute", "realign", "evaluate", "export", "run", "localize"):
         if run.heads_file:
             scores = pl.read_heads_jsonl(run.heads_file, a.num_layers, a.num_heads)
             timings["attribute"], cached["attribute"] = 0.0, True
@@ -343,18 +386,29 @@ def execute(command: str, args: argparse.Namespace) -> dict[str, Any]:
                 f"HSR: restored {restore.count} weights ({restore.per_10k_pruned:.3f} per 10k pruned) "
                 f"in heads {', '.join(h.label for h in restore.heads)}"
             )
+        if command == "localize":
+            t = time.perf_counter()
+            ladder = pl.localize(
+                variants,
+                scores,
+                restore,
+                eval_samples,
+                localize_config(args),
+                run.eval,
+                judge=judge_model(args, cache_root, log),
+            )
+            timings["localize"] = time.perf_counter() - t
+            written["localize.json"] = str(pl.write_json(out / "localize.json", ladder))
+            for rung in ladder["rungs"]:
+                log(
+                    f"{rung['label']:>48}: ASR {rung['asr']:.0%}, benign refusals "
+                    f"{rung['refusal_rate_benign']:.0%}, {rung['restored']:,} weights back"
+                )
+            return written
         result = None
         if eval_samples is not None and command in ("evaluate", "run"):
             t = time.perf_counter()
-            judge = None
-            if args.judge_model:
-                judge = pl.GuardJudge(
-                    pl.load_model(
-                        ModelSpec(args.judge_model, dtype=args.dtype, device=args.device),
-                        cache_dir=cache_root,
-                        log=log,
-                    )
-                )
+            judge = judge_model(args, cache_root, log)
             result = pl.evaluate(variants, eval_samples, run.eval, judge=judge)
             timings["evaluate"] = time.perf_counter() - t
             written["eval.json"] = str(pl.write_json(out / "eval.json", result))

@@ -31,6 +31,13 @@ from .store import default_cache_dir
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 ADAPTER_DIR = ASSETS / "adapters" / "smollm2-135m-safe"
+SAFETY_ADAPTERS = {
+    "smollm2-135m-safe": ADAPTER_DIR,
+    "smollm2-135m-safe-attn": ASSETS / "adapters" / "smollm2-135m-safe-attn",
+}
+"""Built-in safe models: SmolLM2-135M-Instruct with a safety LoRA merged. ``-safe``'s LoRA is
+on every linear; ``-safe-attn``'s on the attention projections only (the same training script
+and data), so its safety can only sit in attention: the controlled pair for HSR's premise."""
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
@@ -53,7 +60,7 @@ class BuiltinModelError(RuntimeError):
 
 def builtin_names() -> list[str]:
     """The names accepted after ``builtin:``."""
-    return ["smollm2-135m-safe", "smollm2-135m", "tiny-llama", "tiny-llava-next"]
+    return [*SAFETY_ADAPTERS, "smollm2-135m", "tiny-llama", "tiny-llava-next"]
 
 
 def _corpus() -> list[str]:
@@ -223,22 +230,22 @@ def _data_hash() -> str:
     return h.hexdigest()[:10]
 
 
-def _adapter_hash() -> str:
+def _adapter_hash(adapter: Path = ADAPTER_DIR) -> str:
     h = hashlib.sha256()
     for name in ("adapter_config.json", "adapter_model.safetensors"):  # not the README
-        f = ADAPTER_DIR / name
+        f = adapter / name
         if f.is_file():
             h.update(name.encode())
             h.update(f.read_bytes())
     return h.hexdigest()[:10]
 
 
-def _merge_safety_adapter(base: Path, dest: Path) -> None:
+def _merge_safety_adapter(base: Path, dest: Path, adapter: Path = ADAPTER_DIR) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    merged = PeftModel.from_pretrained(model, ADAPTER_DIR).merge_and_unload()
+    merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     merged.save_pretrained(dest)
     AutoTokenizer.from_pretrained(base).save_pretrained(dest)
 
@@ -263,7 +270,7 @@ def materialize(
         return _atomic_build(root / f"tiny-llama-{_data_hash()}", save_tiny_llama)
     if name == "tiny-llava-next":
         return _atomic_build(root / f"tiny-llava-next-{_data_hash()}", save_tiny_llava_next)
-    if name in ("smollm2-135m", "smollm2-135m-safe"):
+    if name == "smollm2-135m" or name in SAFETY_ADAPTERS:
         from .smollm2 import convert_smollm2
 
         try:
@@ -277,15 +284,16 @@ def materialize(
             raise BuiltinModelError(str(e)) from e
         if name == "smollm2-135m":
             return base
-        if not (ADAPTER_DIR / "adapter_config.json").exists():
+        adapter = SAFETY_ADAPTERS[name]
+        if not (adapter / "adapter_config.json").exists():
             raise BuiltinModelError(
-                f"The safety adapter is missing from {ADAPTER_DIR}; run "
-                "`python scripts/train_safety_adapter.py` to make it."
+                f"The safety adapter is missing from {adapter}; run "
+                "`python scripts/train_safety_adapter.py` to make it (see its README)."
             )
-        dest = root / f"smollm2-135m-safe-{_adapter_hash()}"
+        dest = root / f"{name}-{_adapter_hash(adapter)}"
         if not (dest / ".complete").exists():
-            log("Merging the safety adapter into SmolLM2 (first launch only)...")
-        return _atomic_build(dest, lambda tmp: _merge_safety_adapter(base, tmp))
+            log(f"Merging the safety adapter into SmolLM2 for {name} (first launch only)...")
+        return _atomic_build(dest, lambda tmp: _merge_safety_adapter(base, tmp, adapter))
     raise BuiltinModelError(
         f"Unknown built-in model {name!r}; choose one of: "
         + ", ".join(f"builtin:{n}" for n in builtin_names())

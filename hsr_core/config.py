@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+SCOPES = ("heads", "heads+mlp")
+"""HSR restore scopes: ``heads`` is the paper's; ``heads+mlp`` is this project's extension."""
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
@@ -159,6 +161,9 @@ class RealignConfig:
         top_h: how many of the highest-scoring Ships heads are realigned.
         slicing: ``head`` restores only the head's own weights (the paper's reading);
             ``reference`` reproduces the released code's slicing.
+        scope: ``heads`` (the paper): only the selected heads' attention weights;
+            ``heads+mlp`` (our extension, not in the paper): also the same band R in the MLP
+            projections of the layers that hold the selected heads.
     """
 
     p: float = 0.5
@@ -166,6 +171,7 @@ class RealignConfig:
     max_p: float = 0.7
     top_h: int = 10
     slicing: Literal["head", "reference"] = "head"
+    scope: Literal["heads", "heads+mlp"] = "heads"
 
     def __post_init__(self) -> None:
         _fraction("p", self.p)
@@ -179,6 +185,10 @@ class RealignConfig:
         )
         _check(self.top_h >= 1, f"top_h must be >= 1, got {self.top_h}")
         _check(self.slicing in ("head", "reference"), f"unknown slicing {self.slicing!r}")
+        _check(
+            self.scope in SCOPES,
+            f"unknown restore scope {self.scope!r}; choose one of {', '.join(SCOPES)}",
+        )
 
     def check_heads(self, num_layers: int, num_heads: int) -> None:
         """Raise when ``top_h`` exceeds the model's ``num_layers * num_heads`` heads."""
@@ -250,6 +260,44 @@ class EvalConfig:
 def parse_tasks(text: str | None) -> tuple[str, ...]:
     """``"arc_easy,hellaswag"`` -> ``("arc_easy", "hellaswag")`` (commas or spaces)."""
     return tuple(t for t in (text or "").replace(",", " ").split() if t)
+
+
+RUNGS = (
+    "dense",
+    "dense_ablated",
+    "pruned",
+    "hsr",
+    "random_heads",
+    "top_heads",
+    "attention",
+    "mlp",
+)
+"""The rungs of the localization ladder (``hsr_core.localize``), in the order they are shown."""
+
+
+@dataclass(frozen=True)
+class LocalizeConfig:
+    """The localization ladder: where the safety a pruned model lost can be won back.
+
+    Attributes:
+        top_k: heads of the head rungs (top-k Ships heads, k random heads, the ablated heads);
+            None: the realignment's ``top_h``.
+        seeds: how many random-head draws (the spread of the chance control).
+        seed: the first draw's seed (draw ``i`` uses ``seed + i``).
+        rungs: which rungs to run (all by default, in ``RUNGS`` order).
+    """
+
+    top_k: int | None = None
+    seeds: int = 3
+    seed: int = 0
+    rungs: tuple[str, ...] = RUNGS
+
+    def __post_init__(self) -> None:
+        _check(self.top_k is None or self.top_k >= 1, f"top_k must be >= 1, got {self.top_k}")
+        _check(self.seeds >= 1, f"seeds must be >= 1, got {self.seeds}")
+        unknown = [r for r in self.rungs if r not in RUNGS]
+        _check(not unknown, f"unknown rungs {unknown}; choose from {', '.join(RUNGS)}")
+        _check(bool(self.rungs), "choose at least one rung")
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,6 @@ from .masks import Masks, PackedMask, pruned_total
 from .models import ATTN_PROJS, LoadedModel, ModelAdapter
 from .progress import StopFlag, bar, check_stop
 from .realign import RestoreSet, head_slice
-from .stats import wilson
 from .variants import Variants
 
 LABELS = {
@@ -286,8 +285,9 @@ def run(
 
     Returns:
         Per rung: ``name``, ``label``, ``variant``, ``seed``, ``heads``, ``restored``,
-        ``restored_per_10k_pruned``, the rates of ``evaluate.rates`` with Wilson 95% intervals
-        (``asr_ci``, ``refusal_rate_benign_ci``; NaN for an empty set) and the judged answers.
+        ``restored_per_10k_pruned``, the rates of ``evaluate.rates`` (with their Wilson 95%
+        intervals in ``ci95``; ``asr_ci`` and ``refusal_rate_benign_ci`` repeat the two the
+        ladder is read by) and the judged answers (refused / complied / incoherent).
     """
     before = (variants.masks, variants.restore)
     pruned = pruned_total(before[0]) if before[0] else 0
@@ -303,10 +303,7 @@ def run(
             with variants.use(rung.variant) as loaded, ablated or nullcontext():
                 answers = generate(loaded, samples, cfg, should_stop=should_stop, desc=rung.label)
             rows = judge(samples, answers)
-            harmful = [r for r in rows if r["harmful"]]
-            benign = [r for r in rows if not r["harmful"]]
-            complied = sum(not r["refusal"] for r in harmful)
-            refused = sum(bool(r["refusal"]) for r in benign)
+            measured = rates(rows)
             out.append(
                 {
                     "name": rung.name,
@@ -316,9 +313,9 @@ def run(
                     "heads": [h.label for h in rung.heads],
                     "restored": rung.restored,
                     "restored_per_10k_pruned": 1e4 * rung.restored / pruned if pruned else 0.0,
-                    **rates(rows),
-                    "asr_ci": list(wilson(complied, len(harmful))),
-                    "refusal_rate_benign_ci": list(wilson(refused, len(benign))),
+                    **measured,
+                    "asr_ci": measured["ci95"]["asr"],
+                    "refusal_rate_benign_ci": measured["ci95"]["refusal_rate_benign"],
                     "answers": rows,
                 }
             )

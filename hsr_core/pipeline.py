@@ -27,10 +27,20 @@ from typing import Any
 import torch
 
 from . import data as data_mod
+from . import localize as localize_mod
 from .builtin import builtin_names
 from .card import model_card
 from .chat import Reply, stream_columns
-from .config import EvalConfig, RealignConfig, RunConfig, ShipsConfig, WandaConfig, to_dict
+from .config import (
+    ConfigError,
+    EvalConfig,
+    LocalizeConfig,
+    RealignConfig,
+    RunConfig,
+    ShipsConfig,
+    WandaConfig,
+    to_dict,
+)
 from .data import (
     CalibrationData,
     DataError,
@@ -80,8 +90,10 @@ __all__ = [
     "calibration_samples",
     "evaluate",
     "export_variant",
+    "generate",
     "free_memory",
     "head_rank_points",
+    "localize",
     "model_card",
     "prepare_model",
     "probe_prompts",
@@ -454,6 +466,59 @@ def export_variant(variants: Variants, variant: str, folder: Path, card: str | N
     if card is not None:
         (folder / "README.md").write_text(card, encoding="utf-8")
     return folder
+
+
+def localize(
+    variants: Variants,
+    scores: torch.Tensor,
+    restore: RestoreSet | None,
+    samples: Sequence[Sample],
+    cfg: LocalizeConfig,
+    eval_cfg: EvalConfig,
+    *,
+    judge: GuardJudge | None = None,
+    realign_cfg: RealignConfig | None = None,
+    should_stop: StopFlag = None,
+) -> dict[str, Any]:
+    """The localization ladder (``hsr_core.localize``; our study, not the paper's) for the
+    installed masks: the same prompts answered and judged on every rung.
+
+    Args:
+        variants: the model with the pruning masks installed.
+        scores: Ships scores ``[num_layers, num_heads]``.
+        restore: HSR's restore set for those masks (None: no ``hsr`` rung).
+        samples: evaluation prompts (harmful and benign).
+        cfg: rungs, k, seeds.
+        eval_cfg: generation settings and the judge's rule.
+        judge: an optional judge model for ASR.
+        realign_cfg: slicing and top_h when there is no restore set.
+
+    Returns:
+        ``{"config", "eval", "n_prompts", "pruned_weights", "rungs": [...]}`` (``localize.run``).
+    """
+    if variants.masks is None:
+        raise VariantError("prune first: the ladder puts back weights that the mask pruned")
+    if eval_cfg.judge == "model" and judge is None:
+        raise ConfigError("the model judge needs a judge model (--judge-model)")
+    samples = prepare_samples(variants.loaded, samples)
+    rungs = localize_mod.plan(variants.loaded, variants.masks, scores, restore, cfg, realign_cfg)
+    rows = localize_mod.run(
+        variants,
+        rungs,
+        samples,
+        eval_cfg,
+        lambda s, a: judge_answers(s, a, eval_cfg, judge),
+        should_stop=should_stop,
+    )
+    return {
+        "study": "localization ladder (HSR Workbench's own study; not in the paper)",
+        "config": to_dict(cfg),
+        "eval": to_dict(eval_cfg),
+        "judge": describe(eval_cfg.judge, eval_cfg.min_words, judge),
+        "n_prompts": len(samples),
+        "pruned_weights": sum(m.count for m in variants.masks.values()),
+        "rungs": rows,
+    }
 
 
 # ---------------------------------------------------------------------------------------------

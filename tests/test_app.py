@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest_app import (
+    REALIGN_OUTPUTS,
     api_attribute,
     api_load,
     api_prune,
@@ -38,6 +39,7 @@ ENDPOINTS = {
     "/realign",
     "/head_detail",
     "/summary",
+    "/localize",
 }
 
 
@@ -473,3 +475,65 @@ def test_stop_interrupts_attribution_and_keeps_earlier_scores(
     kept = summary(c)["ships"]
     assert kept["config"]["num_samples"] == 2
     assert len(kept["top_heads"]) == 10
+
+
+def test_the_localization_ladder_runs_through_the_api(url: str) -> None:
+    """The Localize tab's /localize: refused before pruning; then every rung, in order, with
+    its count of weights put back, its ASR and its Wilson interval."""
+    c = client(url)
+    load(c)
+    with pytest.raises(AppError, match="Prune first"):
+        c.predict(20, 4, 2, 0, "keyword", api_name="/localize")
+    attribute(c, 8)
+    prune(c)
+    realign(c, top_h=3)
+    msg, chart, table, ladder = c.predict(4, 3, 2, 0, "reference", api_name="/localize")
+    assert "**Done.**" in msg and "reference judge" in msg
+    assert ladder["judge"]["name"] == "reference"
+    rungs = ladder["rungs"]
+    assert [r["name"] for r in rungs] == [
+        "dense",
+        "dense_ablated",
+        "pruned",
+        "hsr",
+        "random_heads",
+        "random_heads",
+        "top_heads",
+        "attention",
+        "mlp",
+    ]
+    restored = summary(c)["restore"]["restored"]
+    by = {r["name"]: r for r in rungs}
+    assert by["dense"]["restored"] == 36_864 and by["pruned"]["restored"] == 0
+    assert (
+        by["hsr"]["restored"] == restored
+        and by["hsr"]["heads"] == summary(c)["restore"]["selected_heads"]
+    )
+    assert [r["restored"] for r in rungs if r["name"] == "random_heads"] == [restored] * 2
+    assert by["attention"]["restored"] + by["mlp"]["restored"] == 36_864
+    for r in rungs:
+        lo, hi = r["asr_ci"]
+        assert lo <= r["asr"] <= hi and r["n_harmful"] + r["n_benign"] == 4
+    assert len(table["data"]) == len(rungs)
+    fig = json.loads(chart["plot"])
+    assert fig["data"][0]["orientation"] == "h"
+    assert summary(c)["restore"]["restored"] == restored  # the session's own state is back
+
+
+def test_heads_plus_mlp_scope_is_labelled_as_ours(session: Client) -> None:
+    heads = realign(session, p=0.3, q=0.8, max_p=0.9)
+    both = session.predict(
+        p=0.3,
+        q=0.8,
+        max_p=0.9,
+        top_h=8,
+        slicing="head",
+        head=None,
+        scope="heads+mlp (our extension)",
+        api_name="/realign",
+    )
+    out = dict(zip(REALIGN_OUTPUTS, both, strict=True))
+    assert "our extension" in out["message"] and "our extension" in out["totals"]
+    assert out["restore"]["restored"] > heads["restore"]["restored"]
+    assert "our extension" in out["restore"]["restore_scope"]
+    realign(session, p=0.5, q=0.5, max_p=0.7)  # back to the paper's scope for later tests

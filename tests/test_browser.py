@@ -190,3 +190,22 @@ def test_progress_and_stop(page, tmp_path_factory: pytest.TempPathFactory) -> No
     page.get_by_role("button", name="Stop").locator("visible=true").click()
     expect(page.locator("#hsr-ships-status")).to_contain_text("Stopped", timeout=TIMEOUT_MS)
     expect(page.get_by_role("button", name="Run Ships attribution")).to_be_enabled()
+
+
+def test_localization_ladder_through_the_browser(page) -> None:
+    """After the pipeline above: the Localize tab runs the ladder and draws it. Saves
+    ``app-localize.png``."""
+    from playwright.sync_api import expect
+
+    page.get_by_role("tab", name="8 · Localize").click()
+    n = page.locator("#hsr-ladder-n input")
+    n.fill("4")
+    n.press("Tab")
+    tokens = page.locator("#hsr-ladder-max-new input[type=number]")
+    tokens.fill("3")
+    tokens.press("Tab")
+    page.get_by_role("button", name="Run the ladder").click()
+    expect(page.locator("#hsr-ladder-msg")).to_contain_text("Done", timeout=TIMEOUT_MS)
+    expect(page.locator("#hsr-ladder-chart .js-plotly-plot")).to_be_visible()
+    expect(page.locator("#hsr-ladder-chart")).to_contain_text("every pruned MLP weight")
+    shot(page, "app-localize.png")

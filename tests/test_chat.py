@@ -355,7 +355,14 @@ def test_regenerate_clear_and_export_the_conversation(session: Client) -> None:
     doc = json.loads(Path(session.predict(api_name="/chat_export")).read_text())
     assert doc["model"]["name"] == TINY
     assert doc["wanda"]["sparsity"] == 0.5 and doc["wanda"]["num_samples"] == CALIB_SAMPLES
-    assert doc["realign"] == {"p": 0.5, "q": 0.5, "max_p": 0.7, "top_h": TOP_H, "slicing": "head"}
+    assert doc["realign"] == {
+        "p": 0.5,
+        "q": 0.5,
+        "max_p": 0.7,
+        "top_h": TOP_H,
+        "slicing": "head",
+        "scope": "heads",
+    }
     assert [t["user"] for t in doc["turns"]] == ["Name a fruit.", "Name a colour."]
     for t in doc["turns"]:
         assert set(t["answers"]) == set(COLUMNS)

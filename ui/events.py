@@ -37,7 +37,15 @@ PROGRESS = gr.Progress()
 MODEL = {"concurrency_id": "model", "concurrency_limit": 1}
 """Every event that touches the shared model runs in this group, one at a time."""
 
-RUN_BUTTONS = ("load_btn", "attribute_btn", "prune_btn", "eval_btn", "export_btn", "push_btn")
+RUN_BUTTONS = (
+    "load_btn",
+    "attribute_btn",
+    "prune_btn",
+    "eval_btn",
+    "export_btn",
+    "push_btn",
+    "ladder_btn",
+)
 """The buttons of slow steps, locked while one of them runs."""
 
 PRIVATE = {"queue": False, "api_visibility": "private", "show_progress": "hidden"}

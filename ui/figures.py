@@ -614,3 +614,167 @@ def answers_table(
             ]
         )
     return pd.DataFrame(rows, columns=columns)
+
+
+# ---------------------------------------------------------------------------------------------
+# the localization ladder
+
+LADDER_COLORS = {
+    "dense": "#1F2937",
+    "dense_ablated": "#9CA3AF",
+    "pruned": MARK_COLOR,
+    "hsr": "#4C78A8",
+    "random_heads": "#F58518",
+    "top_heads": "#72B7B2",
+    "attention": "#54A24B",
+    "mlp": "#B279A2",
+}
+
+
+def _ladder_rows(rungs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """One row per rung, the random-head draws merged into one row (mean, min, max, points)."""
+    rows: list[dict[str, Any]] = []
+    draws = [r for r in rungs if r["name"] == "random_heads"]
+    for r in rungs:
+        if r["name"] != "random_heads":
+            rows.append({"name": r["name"], "label": r["label"], "runs": [r]})
+        elif r is draws[0]:
+            label = r["label"].split(" (seed")[0] + f" (x{len(draws)} draws)"
+            rows.append({"name": r["name"], "label": label, "runs": draws})
+    return rows
+
+
+def ladder_chart(rungs: Sequence[Mapping[str, Any]]) -> go.Figure:
+    """The localization ladder at a glance: ASR and benign refusals per rung, with intervals.
+
+    Args:
+        rungs: ``pipeline.localize``'s rungs (``name``, ``label``, ``asr``, ``asr_ci``,
+            ``refusal_rate_benign``, ``refusal_rate_benign_ci``, ``restored``), in order. The
+            random-head draws are drawn as one bar (their mean) with every draw as a dot and
+            the draws' range as the whisker; every other bar's whisker is its Wilson 95%
+            interval.
+    """
+    if not rungs:
+        return placeholder("Run the ladder")
+    rows = _ladder_rows(rungs)
+    labels = [r["label"] for r in rows]
+    data: list[dict[str, Any]] = []
+    for axis, key, title in (("", "asr", "ASR"), ("2", "refusal_rate_benign", "benign refusals")):
+        means, lo, hi, colors = [], [], [], []
+        for row in rows:
+            values = [100 * r[key] for r in row["runs"]]
+            mean = float(np.mean(values))
+            if len(row["runs"]) > 1:
+                low, high = min(values), max(values)
+            else:
+                ci = row["runs"][0].get(f"{key}_ci") or [np.nan, np.nan]
+                low, high = 100 * ci[0], 100 * ci[1]
+            means.append(mean)
+            lo.append(mean - low if np.isfinite(low) else 0)
+            hi.append(high - mean if np.isfinite(high) else 0)
+            colors.append(LADDER_COLORS.get(row["name"], MUTED))
+        data.append(
+            {
+                "type": "bar",
+                "orientation": "h",
+                "y": labels,
+                "x": means,
+                "marker": {"color": colors},
+                "error_x": {
+                    "type": "data",
+                    "symmetric": False,
+                    "array": hi,
+                    "arrayminus": lo,
+                    "color": "#374151",
+                    "thickness": 1.2,
+                },
+                "text": [f"{m:.0f}%" for m in means],
+                "textposition": "outside",
+                "cliponaxis": False,
+                "name": title,
+                "showlegend": False,
+                "hovertemplate": f"%{{y}}<br>{title}: %{{x:.1f}}%<extra></extra>",
+                "xaxis": f"x{axis}",
+                "yaxis": f"y{axis}",
+            }
+        )
+        dots = [
+            (100 * r[key], row["label"])
+            for row in rows
+            if len(row["runs"]) > 1
+            for r in row["runs"]
+        ]
+        if dots:
+            data.append(
+                {
+                    "type": "scatter",
+                    "mode": "markers",
+                    "x": [d[0] for d in dots],
+                    "y": [d[1] for d in dots],
+                    "marker": {"color": "#1F2937", "size": 7, "symbol": "diamond"},
+                    "name": "one random draw",
+                    "showlegend": axis == "",
+                    "hovertemplate": f"one draw<br>{title}: %{{x:.1f}}%<extra></extra>",
+                    "xaxis": f"x{axis}",
+                    "yaxis": f"y{axis}",
+                }
+            )
+    order = {"categoryorder": "array", "categoryarray": labels[::-1], "automargin": True}
+    return _figure(
+        data,
+        title="Where does the safety live? ASR and benign refusals per rung (95% intervals)",
+        height=140 + 34 * len(rows),
+        legend=_legend_top(),
+        margin={"l": 20, "r": 30, "t": 70, "b": 50},
+        xaxis={
+            "domain": [0, 0.6],
+            "range": [0, 108],
+            "title": {"text": "ASR (% harmful answered)"},
+        },
+        yaxis={**order},
+        xaxis2={
+            "domain": [0.66, 1],
+            "anchor": "y2",
+            "range": [0, 108],
+            "title": {"text": "benign refused (%)"},
+        },
+        yaxis2={**order, "anchor": "x2", "showticklabels": False},
+    )
+
+
+def ladder_table(rungs: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
+    """The ladder as a table: one row per rung (every random draw on its own row)."""
+    columns = [
+        "rung",
+        "ASR %",
+        "ASR 95% CI",
+        "incoherent (harmful) %",
+        "benign refused %",
+        "weights back",
+        "‱ of pruned",
+    ]
+    if not rungs:
+        return pd.DataFrame(columns=columns)
+
+    def pct(x: float) -> float | None:
+        return None if x is None or not np.isfinite(x) else round(100 * x, 1)
+
+    def ci(r: Mapping[str, Any]) -> str:
+        lo, hi = r.get("asr_ci") or [np.nan, np.nan]
+        return "" if not np.isfinite(lo) else f"{100 * lo:.0f}-{100 * hi:.0f}"
+
+    return pd.DataFrame(
+        [
+            [
+                r["label"],
+                pct(r["asr"]),
+                ci(r),
+                pct(r.get("incoherent_rate_harmful", np.nan)),
+                pct(r["refusal_rate_benign"]),
+                f"{r['restored']:,}",
+                round(r["restored_per_10k_pruned"], 2),
+            ]
+            for r in rungs
+        ],
+        columns=columns,
+    )

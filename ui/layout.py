@@ -15,10 +15,20 @@ import gradio as gr
 
 from ui import events, public
 from ui.session import Session
-from ui.tabs import attribute, chat, evaluate, export, header, model, prune, realign
+from ui.tabs import (
+    attribute,
+    chat,
+    evaluate,
+    export,
+    header,
+    localize,
+    model,
+    prune,
+    realign,
+)
 from ui.workbench import WORKBENCH
 
-TABS = [header, model, attribute, prune, realign, chat, evaluate, export]
+TABS = [header, model, attribute, prune, realign, chat, evaluate, export, localize]
 """The page, top to bottom: the header, then the tabs in order (each has ``build`` and
 ``wire``)."""
 

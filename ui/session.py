@@ -132,6 +132,7 @@ def variant_settings(state: Session, variant: str) -> dict[str, Any] | None:
         "max_p": r.max_p,
         "top_h": r.top_h,
         "slicing": r.slicing,
+        "scope": r.scope,
         "restored": rs.count,
         "restored_per_10k_pruned": round(rs.per_10k_pruned, 4),
         "selected_heads": [h.label for h in rs.heads],
@@ -170,4 +171,9 @@ def restore_summary(rs: pipeline.RestoreSet) -> dict[str, Any]:
         "restored_per_module": s["restored_per_module"],
         "restored_per_head": s["restored_per_head"],
         "pruned_weights": rs.pruned_total,
+        **{
+            k: v
+            for k, v in s.items()
+            if k.startswith(("restore_scope", "restored_mlp", "restore_candidates_in_mlp"))
+        },
     }

@@ -97,6 +97,7 @@ def describe_settings(variant: str, s: dict[str, Any] | None) -> str:
     return (
         f"p {s['p']:g} · q {s['q']:g} · max_p {s['max_p']:g} · top_h {s['top_h']} · "
         f"{s['slicing']} slicing · {s['restored']:,} restored"
+        + (" · scope heads+mlp (our extension)" if s.get("scope", "heads") != "heads" else "")
     )
 
 
@@ -200,7 +201,8 @@ def column_label(state: Session, variant: str) -> str:
     if variant == "pruned":
         return f"pruned · Wanda {100 * s['sparsity']:.0f}%"
     # short: the label shares the column's top edge with its toolbar (clear, copy all)
-    return f"realigned · +{s['restored']:,} in {len(s['selected_heads'])} heads"
+    mlp = "+mlp (ours)" if s.get("scope", "heads") != "heads" else "heads"
+    return f"realigned · +{s['restored']:,} in {len(s['selected_heads'])} {mlp}"
 
 
 def _columns(turns: Sequence[Turn], state: Session | None = None) -> dict[str, Any]:

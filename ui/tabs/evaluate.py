@@ -18,7 +18,7 @@ from typing import Any
 import gradio as gr
 
 from hsr_core import pipeline
-from hsr_core.config import JUDGES, ConfigError, EvalConfig, default_max_new_tokens
+from hsr_core.config import JUDGES, ConfigError, EvalConfig, ModelSpec, default_max_new_tokens
 from ui import events, figures, public
 from ui.session import Session, settings_key, variant_settings
 from ui.workbench import WORKBENCH
@@ -111,6 +111,8 @@ def judge_for(judge: str, name: str | None) -> Any:
     if not name:
         raise ConfigError("the model judge needs a judge model: give its hub id or folder")
     if name not in _JUDGE_MODEL:
+        spec = ModelSpec(name)
+        public.POLICY.check_model(spec)
         _JUDGE_MODEL.clear()
         _JUDGE_MODEL[name] = pipeline.load_judge(name, cache_dir=WORKBENCH.cache_root)
     return _JUDGE_MODEL[name]

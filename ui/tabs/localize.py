@@ -27,7 +27,8 @@ same prompts with different sets of pruned weights put back, from nothing to eve
 *every pruned attention weight* wins back little while *every pruned MLP weight* wins back a
 lot, no attention-only restoration (HSR included) can restore this model's safety; if HSR does
 no better than *random heads*, Ships' ranking is not what helps. Bars show ASR (harmful prompts
-answered; keyword judge) with Wilson 95% intervals; random draws show their range."""
+answered, with the judge chosen here) with Wilson 95% intervals; random draws show their
+range."""
 
 
 def _int(value: Any, name: str, low: int) -> int:
@@ -46,6 +47,7 @@ def localize(
     max_new_tokens: float,
     seeds: float,
     top_k: float,
+    judge: str,
     state: Session,
     request: gr.Request,
     progress=events.TRACK_TQDM,
@@ -54,7 +56,7 @@ def localize(
     events.show_eta(progress)
     k = _int(top_k, "heads (k)", 0)
     cfg = LocalizeConfig(top_k=k or None, seeds=_int(seeds, "random draws", 1))
-    eval_cfg = EvalConfig(max_new_tokens=_int(max_new_tokens, "max new tokens", 1))
+    eval_cfg = EvalConfig(max_new_tokens=_int(max_new_tokens, "max new tokens", 1), judge=judge)
     samples = pipeline.load_eval("builtin")
     n = _int(num_prompts, "prompts", 0)
     if 0 < n < len(samples):
@@ -89,8 +91,9 @@ def localize(
         "ladder_msg": (
             f"**Done.** {len(rungs)} rungs x {result['n_prompts']} prompts "
             f"({rungs[0]['n_harmful']} harmful, {rungs[0]['n_benign']} benign) of the built-in "
-            f"evaluation split, {eval_cfg.max_new_tokens} new tokens, greedy, keyword judge."
-            + hsr_note
+            f"evaluation split, {eval_cfg.max_new_tokens} new tokens, greedy, {judge} judge "
+            "(incoherent answers count as attack success, as in the paper; the table shows "
+            "their share)." + hsr_note
         ),
         "ladder_chart": figures.ladder_chart(rungs),
         "ladder_table": figures.ladder_table(rungs),
@@ -111,16 +114,33 @@ def build(c: dict[str, Any]) -> None:
         gr.Markdown(INTRO)
         with gr.Row(equal_height=True):
             c["ladder_n"] = gr.Number(
-                20, precision=0, minimum=0, label="prompts", info="of the built-in split; 0 = all"
+                20,
+                precision=0,
+                minimum=0,
+                label="prompts",
+                info="of the built-in split; 0 = all",
+                elem_id="hsr-ladder-n",
             )
             c["ladder_max_new"] = gr.Slider(
-                1, 256, value=40, step=1, label="max new tokens", min_width=200
+                1,
+                256,
+                value=40,
+                step=1,
+                label="max new tokens",
+                min_width=200,
+                elem_id="hsr-ladder-max-new",
             )
             c["ladder_seeds"] = gr.Number(
                 3, precision=0, minimum=1, label="random draws", info="the chance control"
             )
             c["ladder_k"] = gr.Number(
                 0, precision=0, minimum=0, label="heads (k)", info="0 = the realign top_h"
+            )
+            c["ladder_judge"] = gr.Radio(
+                ["keyword", "reference"],
+                value="keyword",
+                label="judge",
+                info="reference: the paper's rule (20-word minimum: use >= 64 tokens)",
             )
         with gr.Row():
             c["ladder_btn"] = gr.Button("Run the ladder", variant="primary", scale=3)
@@ -144,7 +164,7 @@ def wire(c: dict[str, Any]) -> None:
         c,
         "ladder_btn",
         localize,
-        ["ladder_n", "ladder_max_new", "ladder_seeds", "ladder_k", "state"],
+        ["ladder_n", "ladder_max_new", "ladder_seeds", "ladder_k", "ladder_judge", "state"],
         ["ladder_msg", "ladder_chart", "ladder_table", "ladder_json"],
         api_name="localize",
         message="ladder_msg",
