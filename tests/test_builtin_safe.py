@@ -85,3 +85,32 @@ def test_safe_model_answers_a_held_out_benign_question(safe_answers: dict[str, s
 def test_base_model_does_not_refuse_the_same_request(base: LoadedModel) -> None:
     (answer,) = generate(base, [_eval_sample(HARMFUL_ID)], CFG)
     assert not is_refusal(answer), answer
+
+
+@pytest.fixture(scope="module")
+def safe_attn(cache_dir: Path) -> LoadedModel:
+    return load_model("builtin:smollm2-135m-safe-attn", cache_dir=cache_dir)
+
+
+def test_attention_only_adapter_changed_attention_and_nothing_else(
+    safe_attn: LoadedModel, base: LoadedModel
+) -> None:
+    """The controlled twin: its LoRA sits on q/k/v/o only, so the merge changed every layer's
+    attention projections and left the MLPs, norms and embeddings exactly as they were."""
+    assert safe_attn.path.name.startswith("smollm2-135m-safe-attn-")
+    changed = {
+        name
+        for (name, p), q in zip(
+            safe_attn.model.named_parameters(), base.model.parameters(), strict=True
+        )
+        if not torch.equal(p, q)
+    }
+    a = safe_attn.adapter
+    attention = {f"{n}.weight" for n in a.linear_names(attention_only=True)}
+    assert changed == attention
+
+
+def test_attention_only_model_refuses_and_answers(safe_attn: LoadedModel) -> None:
+    harmful, benign = generate(safe_attn, [_eval_sample(HARMFUL_ID), _eval_sample(BENIGN_ID)], CFG)
+    assert is_refusal(harmful), harmful
+    assert not is_refusal(benign) and "Tokyo" in benign, benign

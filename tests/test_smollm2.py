@@ -102,7 +102,7 @@ def test_converted_weights_equal_gguf_weights(converted: tuple) -> None:
 
 def test_converted_weights_match_gguf_file_directly(converted: tuple) -> None:
     """Independent check with the gguf library (tensors that transformers does not permute)."""
-    gguf = pytest.importorskip("gguf")
+    import gguf  # a hard dependency (requirements.txt)
     from gguf.quants import dequantize
 
     model, _ = converted
