@@ -34,6 +34,10 @@ class DataError(ValueError):
     """A dataset could not be read; the message names the file and row."""
 
 
+class ImageError(DataError):
+    """A file given as an image is not one that can be read."""
+
+
 @dataclass(frozen=True)
 class Sample:
     """One request (and optionally its answer and image).
@@ -108,18 +112,33 @@ def render_text_image(text: str, size: int = 336) -> Any:
     return img
 
 
+def open_image(path: str | Path) -> Any:
+    """The image file at ``path`` as RGB PIL, fully decoded (a truncated file fails here).
+
+    Raises:
+        ImageError: the file is missing, not an image, or damaged; the message names it.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    name = Path(path).name
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except UnidentifiedImageError:
+        raise ImageError(
+            f"{name} is not an image: give a PNG, JPEG, WebP, GIF or BMP file"
+        ) from None
+    except (OSError, ValueError) as e:
+        raise ImageError(f"cannot read the image {name}: {e}") from e
+
+
 def load_image(sample: Sample) -> Any | None:
     """The sample's image as RGB PIL, or None."""
     if sample.image is not None:
-        from PIL import Image
-
         try:
-            with Image.open(sample.image) as im:
-                return im.convert("RGB")
-        except (OSError, ValueError) as e:
-            raise DataError(
-                f"cannot open image {sample.image!r} of sample {sample.id!r}: {e}"
-            ) from e
+            return open_image(sample.image)
+        except ImageError as e:
+            raise ImageError(f"{e} (image {sample.image!r} of sample {sample.id!r})") from e
     if sample.image_text is not None:
         return render_text_image(sample.image_text)
     return None

@@ -44,10 +44,12 @@ from .config import (
 from .data import (
     CalibrationData,
     DataError,
+    ImageError,
     Sample,
     builtin_examples,
     load_calibration,
     load_eval,
+    open_image,
     select,
 )
 from .evaluate import (
@@ -111,6 +113,7 @@ __all__ = [
     "load_calibration",
     "load_eval",
     "load_model",
+    "open_image",
     "read_heads_jsonl",
     "select",
     "write_heads_jsonl",
@@ -145,10 +148,13 @@ __all__ = [
     "sparsity_report",
     "top_heads",
     "torch_threads",
+    # progress
+    "bar",
     # errors a user can act on
     "ArchitectureError",
     "Cancelled",
     "DataError",
+    "ImageError",
     "LmEvalError",
     "LmEvalMissing",
     "ModelLoadError",

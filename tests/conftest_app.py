@@ -87,7 +87,20 @@ def api_prune(
     )
 
 
-REALIGN_OUTPUTS = ["status", "message", "totals", "heatmap", "bars", "head", "head_plot", "restore"]
+REALIGN_OUTPUTS = [
+    "status",
+    "message",
+    "totals",
+    "heatmap",
+    "bars",
+    "head",
+    "head_plot",
+    "p",
+    "q",
+    "max_p",
+    "top_h",
+    "restore",
+]
 
 
 def api_realign(
@@ -122,8 +135,40 @@ def running_app(
     interpreter (another virtual environment's, for the Space simulation).
 
     Raises:
-        RuntimeError: with the server's log when it exits or does not answer in time.
+        RuntimeError: with the server's log when it exits or does not answer in time, or
+            when it died while the caller used it.
     """
+    with app_process(
+        cache_dir, timeout=timeout, app_dir=app_dir, port=port, env=env, python=python
+    ) as app:
+        yield app.url
+        if app.proc.poll() is not None:
+            raise RuntimeError(f"app.py died during the tests:\n{app.log.read_text()}")
+
+
+class App:
+    """A running ``app.py``: its URL, its process and its log file."""
+
+    def __init__(self, url: str, proc: subprocess.Popen, log: Path) -> None:
+        self.url, self.proc, self.log = url, proc, log
+
+    def kill(self) -> None:
+        """Kill the server at once (SIGKILL: no clean-up of its own runs) and wait for it."""
+        self.proc.kill()
+        self.proc.wait()
+
+
+@contextmanager
+def app_process(
+    cache_dir: Path,
+    *,
+    timeout: float = 180.0,
+    app_dir: Path = ROOT,
+    port: int | None = None,
+    env: dict[str, str] | None = None,
+    python: str | Path = sys.executable,
+) -> Iterator[App]:
+    """``running_app``, yielding the ``App`` (the fault tests kill it midway)."""
     port = port or free_port()
     Path(cache_dir).mkdir(parents=True, exist_ok=True)
     log_path = Path(cache_dir) / "server.log"
@@ -158,9 +203,7 @@ def running_app(
                     f"app.py did not answer in {timeout:.0f} s:\n{log_path.read_text()}"
                 )
             time.sleep(0.5)
-        yield url
-        if proc.poll() is not None:
-            raise RuntimeError(f"app.py died during the tests:\n{log_path.read_text()}")
+        yield App(url, proc, log_path)
     finally:
         proc.terminate()
         try:

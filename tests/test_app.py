@@ -281,6 +281,22 @@ def test_loading_describes_the_model(url: str) -> None:
     assert top_h["value"] == 8  # min(10, 2 layers x 4 heads)
 
 
+def test_realign_explains_values_out_of_range(session: Client) -> None:
+    """Values the sliders cannot hold are explained in words (not gradio's range check), the
+    boxes are set back to the values of the restore set in use, and it stays as it was."""
+    before = realign(session, p=0.3)
+    assert before["restore"]["restored"] > 0
+    for bad, words in (
+        (dict(q=-1), "q must be a fraction in [0, 1], got -1"),
+        (dict(top_h=999), "top_h (999) exceeds the model's 8 attention heads"),
+    ):
+        out = realign(session, p=0.3, **bad)
+        assert "Nothing changed" in out["message"] and words in out["message"], out["message"]
+        assert "The results and the boxes show p=0.3 · q=0.5" in out["message"]
+        assert (out["q"], out["top_h"]) == (0.5, 8)
+    assert summary(session)["restore"]["restored"] == before["restore"]["restored"]
+
+
 def test_realign_before_prune_is_an_error(url: str) -> None:
     c = client(url)
     load(c)

@@ -7,6 +7,7 @@ Needs ``/usr/bin/chromium`` (``apt-get install chromium``); never downloads a br
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -23,23 +24,48 @@ TIMEOUT_MS = 120_000
 
 
 @pytest.fixture(scope="module")
-def page(tmp_path_factory: pytest.TempPathFactory):
+def app(tmp_path_factory: pytest.TempPathFactory):
+    """One server and one browser for the module: ``(browser, url)``."""
     if not CHROMIUM.exists():
+        if os.environ.get("CI"):  # CI installs it: a missing browser is a failure there
+            pytest.fail("Debian Chromium is not installed at /usr/bin/chromium")
         pytest.skip(
             "Debian Chromium is not installed at /usr/bin/chromium (apt-get install chromium)"
         )
-    sync_api = pytest.importorskip("playwright.sync_api")
+    from playwright import sync_api
     with (
         running_app(tmp_path_factory.mktemp("browser-cache")) as url,
         sync_api.sync_playwright() as pw,
     ):
         browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1440, "height": 1000})
-        page.set_default_timeout(TIMEOUT_MS)
-        page.goto(url)
-        page.get_by_text("HSR Workbench").first.wait_for()
-        yield page
+        yield browser, url
         browser.close()
+
+
+def open_page(app, width: int = 1440, height: int = 1000):
+    """A new tab of the app: a session of its own."""
+    browser, url = app
+    page = browser.new_page(viewport={"width": width, "height": height})
+    page.set_default_timeout(TIMEOUT_MS)
+    page.goto(url)
+    page.get_by_text("HSR Workbench").first.wait_for()
+    return page
+
+
+@pytest.fixture(scope="module")
+def page(app):
+    """The main session: the pipeline, then the tests that continue its work."""
+    page = open_page(app)
+    yield page
+    page.close()
+
+
+@pytest.fixture
+def fresh_page(app):
+    """Another session, opened for one test."""
+    page = open_page(app)
+    yield page
+    page.close()
 
 
 def shot(page, name: str) -> None:
@@ -106,6 +132,40 @@ def test_pipeline_through_the_browser(page) -> None:
     shot(page, "app-realign.png")
 
 
+def test_realign_boxes_apply_on_enter_and_explain_what_they_refuse(page) -> None:
+    """After the pipeline above (p=0.3): Enter in a box applies it; a value out of range is
+    explained under the sliders, the box goes back to the value the results show, and the
+    results stay."""
+    from playwright.sync_api import expect
+
+    totals = page.locator("#hsr-realign-totals")
+    message = page.locator("#hsr-realign-msg")
+    before = restored_count(totals.inner_text())
+    q = page.get_by_label("number input for q", exact=True)
+    q.fill("-1")
+    q.press("Enter")
+    expect(message).to_contain_text("q must be a fraction in [0, 1], got -1")
+    expect(message).to_contain_text("The results and the boxes show p=0.3 · q=0.5")
+    expect(q).to_have_value("0.5")
+    top_h = page.get_by_label("number input for top_h", exact=True)
+    top_h.fill("999")
+    top_h.press("Enter")
+    expect(message).to_contain_text("top_h (999) exceeds the model's 8 attention heads")
+    expect(top_h).to_have_value("8")
+    assert restored_count(totals.inner_text()) == before
+    expect(page.get_by_text("Error", exact=True)).to_have_count(0)
+
+    p = page.get_by_label("number input for p", exact=True)
+    p.fill("0.4")
+    p.press("Enter")  # applies without leaving the box
+    expect(message).to_contain_text("p=0.4 · q=0.5")
+    expect(totals).not_to_contain_text(f"{before:,} weights restored")
+    p.fill("0.3")
+    p.press("Enter")
+    expect(message).to_contain_text("p=0.3 · q=0.5")
+    expect(totals).to_contain_text(f"{before:,} weights restored")
+
+
 def test_chat_through_the_browser(page) -> None:
     """After the pipeline above: a message gets three answers, each with its verdict; an example
     is sent with one click. Saves ``app-chat.png``."""
@@ -162,7 +222,211 @@ def overlaps(a: dict[str, float], b: dict[str, float]) -> bool:
     )
 
 
+def test_localization_ladder_through_the_browser(page) -> None:
+    """After the pipeline above: the Localize tab runs the ladder and draws it. Saves
+    ``app-localize.png``."""
+    from playwright.sync_api import expect
+
+    page.get_by_role("tab", name="8 · Localize").click()
+    n = page.locator("#hsr-ladder-n input")
+    n.fill("4")
+    n.press("Tab")
+    tokens = page.locator("#hsr-ladder-max-new input[type=number]")
+    tokens.fill("3")
+    tokens.press("Tab")
+    page.get_by_role("button", name="Run the ladder").click()
+    expect(page.locator("#hsr-ladder-msg")).to_contain_text("Done", timeout=TIMEOUT_MS)
+    expect(page.locator("#hsr-ladder-chart .js-plotly-plot")).to_be_visible()
+    expect(page.locator("#hsr-ladder-chart")).to_contain_text("every pruned MLP weight")
+    shot(page, "app-localize.png")
+
+
+# ---------------------------------------------------------------------------------------------
+# failures as a user meets them: the buttons come back and the message stays on the page
+
+RUN_BUTTONS = {
+    "1 · Model & data": "Load model",
+    "2 · Attribute": "Run Ships attribution",
+    "3 · Prune": "Calibrate & prune",
+    "6 · Evaluate": "Run evaluation",
+}
+"""A run button of each tab that has one (the ones a failed step used to leave disabled)."""
+
+CHAT_BUTTONS = ("Send", "↻ Regenerate")
+
+
+def expect_run_buttons_back(page) -> None:
+    from playwright.sync_api import expect
+
+    for tab, name in RUN_BUTTONS.items():
+        page.get_by_role("tab", name=tab).click()
+        expect(page.get_by_role("button", name=name, exact=True)).to_be_enabled()
+
+
+def expect_chat_buttons_back(page) -> None:
+    from playwright.sync_api import expect
+
+    for name in CHAT_BUTTONS:
+        expect(page.get_by_role("button", name=name, exact=True)).to_be_enabled()
+    tools = page.locator("#hsr-chat-tools")
+    expect(tools.get_by_role("button", name="Clear", exact=True)).to_be_enabled()
+
+
+def expect_message_outlives_toast(page, status, words: str) -> None:
+    """``words`` are in ``status`` and still there once gradio's toast has faded."""
+    from playwright.sync_api import expect
+
+    expect(status).to_contain_text(words)
+    expect(page.locator('[data-testid="toast-body"]')).to_have_count(0, timeout=TIMEOUT_MS)
+    expect(status).to_contain_text(words)
+
+
+def expect_no_error_badge(*blocks) -> None:
+    """No "Error" badge of gradio's covers these outputs of the failed step (their earlier
+    values show)."""
+    from playwright.sync_api import expect
+
+    for block in blocks:
+        expect(block.get_by_text("Error", exact=True)).to_have_count(0)
+
+
+def load_in_page(page, name: str) -> None:
+    from playwright.sync_api import expect
+
+    page.get_by_role("tab", name="1 · Model & data").click()
+    model = page.locator("#hsr-model input")
+    model.click()
+    model.fill(name)
+    model.press("Enter")
+    page.get_by_role("button", name="Load model").click()
+    expect(page.locator("#hsr-load-status")).to_contain_text(
+        re.compile(r"Done|Could not|Unsupported|Not allowed"), timeout=TIMEOUT_MS
+    )
+
+
+def send_chat(page, message: str) -> None:
+    box = page.locator("#hsr-chat-msg textarea")
+    box.fill(message)
+    box.press("Enter")
+
+
+def test_a_bad_model_id_keeps_the_page(page) -> None:
+    """After the pipeline above: a model id that does not exist says so under the Load button,
+    keeps the loaded model and every result, and gives every button back."""
+    from playwright.sync_api import expect
+
+    load_in_page(page, "no-such-org/no-such-model-hsr")
+    status = page.locator("#hsr-load-status")
+    expect_message_outlives_toast(page, status, "Could not reach the Hugging Face hub")
+    expect(status).to_contain_text("Earlier results are kept")
+    expect(page.locator("#hsr-model-info")).to_contain_text("LlamaForCausalLM")
+    expect_no_error_badge(status, page.locator("#hsr-model-info"))
+    shot(page, "app-failed-load.png")
+    expect_run_buttons_back(page)
+    page.get_by_role("tab", name="2 · Attribute").click()
+    expect(page.locator("#hsr-ships-status")).to_contain_text("Ships scores of 8 heads")
+    page.get_by_role("tab", name="4 · Realign").click()
+    expect(page.locator("#hsr-realign-totals")).to_contain_text("weights restored")
+
+
+def test_steps_before_their_prerequisites_keep_the_page(fresh_page) -> None:
+    """A new tab that skips ahead: each step says what to do first, where its result would be,
+    and the buttons come back after each (the chat's too)."""
+    from playwright.sync_api import expect
+
+    page = fresh_page
+    page.get_by_role("tab", name="2 · Attribute").click()
+    page.get_by_role("button", name="Run Ships attribution").click()
+    expect(page.locator("#hsr-ships-status")).to_contain_text("Load a model first")
+    page.get_by_role("tab", name="3 · Prune").click()
+    page.get_by_role("button", name="Calibrate & prune").click()
+    expect(page.locator("#hsr-prune-status")).to_contain_text("Load a model first")
+    page.get_by_role("tab", name="4 · Realign").click()
+    page.get_by_role("button", name="Realign", exact=True).click()
+    expect(page.locator("#hsr-realign-msg")).to_contain_text("Load a model first")
+    page.get_by_role("tab", name="5 · Chat").click()
+    send_chat(page, "Hello?")
+    chat_status = page.locator("#hsr-chat-status")
+    expect_message_outlives_toast(page, chat_status, "Load a model first")
+    expect_chat_buttons_back(page)
+    expect_run_buttons_back(page)
+    page.get_by_role("tab", name="2 · Attribute").click()
+    expect(page.locator("#hsr-ships-status")).to_contain_text("Load a model first")
+
+
+def test_a_file_that_is_not_an_image_is_refused_before_generation(
+    fresh_page, tmp_path: Path
+) -> None:
+    """On the tiny vision model: a file named like an image that is not one gets a message in
+    the chat, no answers, the buttons back and the conversation as it was; with a real image
+    the same message is answered. (Loads another model into the shared process.)"""
+    from playwright.sync_api import expect
+
+    page = fresh_page
+    load_in_page(page, "builtin:tiny-llava-next")
+    expect(page.locator("#hsr-model-info")).to_contain_text("LlavaNextForConditionalGeneration")
+    page.get_by_role("tab", name="5 · Chat").click()
+    tokens = page.locator("#hsr-chat-max-new input[type=number]")
+    tokens.fill("4")
+    tokens.press("Tab")
+    original = page.locator("#hsr-chat-original")
+    send_chat(page, "Say hello.")
+    expect(original.locator(".hsr-complied, .hsr-refused, .hsr-incoherent")).to_have_count(1)
+
+    fake = tmp_path / "holiday.png"
+    fake.write_text("this is a shopping list, not a picture\n")
+    page.locator("#hsr-chat-image input[type=file]").set_input_files(str(fake))
+    send_chat(page, "What is in the picture?")
+    chat_status = page.locator("#hsr-chat-status")
+    expect_message_outlives_toast(page, chat_status, "holiday.png is not an image")
+    expect_chat_buttons_back(page)
+    expect(original).to_contain_text("Say hello.")  # the conversation is kept
+    expect_no_error_badge(original)
+    expect(original).not_to_contain_text("What is in the picture?")  # nothing was generated
+    expect(page.locator("#hsr-chat-msg textarea")).to_have_value("What is in the picture?")
+
+    from hsr_core.data import render_text_image
+
+    picture = tmp_path / "sign.png"
+    render_text_image("What is in the picture?").save(picture)
+    page.locator("#hsr-chat-image").get_by_role("button", name="Remove Image").click()
+    page.locator("#hsr-chat-image input[type=file]").set_input_files(str(picture))
+    page.get_by_role("button", name="Send", exact=True).click()  # the same message, a real image
+    expect(original.locator(".hsr-complied, .hsr-refused, .hsr-incoherent")).to_have_count(2)
+    expect(original).to_contain_text("What is in the picture?")
+    expect(chat_status).not_to_contain_text("not an image")  # the next action replaced it
+    shot(page, "app-bad-image.png")
+
+
+def test_a_failed_chat_turn_gives_the_buttons_back(page) -> None:
+    """The main tab after another tab loaded another model (the test above): a chat turn fails
+    with advice that can be followed, pressing Load, after which the session's pruned and
+    realigned columns answer again, nothing lost."""
+    from playwright.sync_api import expect
+
+    page.get_by_role("tab", name="5 · Chat").click()
+    columns = [page.locator(f"#hsr-chat-{v}") for v in ("original", "pruned", "realigned")]
+    send_chat(page, "Name a colour.")
+    chat_status = page.locator("#hsr-chat-status")
+    expect_message_outlives_toast(page, chat_status, "Another tab replaced the shared model")
+    expect_chat_buttons_back(page)
+    for column in columns:
+        expect(column).to_contain_text("What is 48 times 25?")  # earlier turns kept
+    expect_no_error_badge(*columns, page.locator("#hsr-chat-msg"))
+    shot(page, "app-failed-chat.png")
+
+    load_in_page(page, "builtin:tiny-llama")  # what the message says to do
+    expect(page.locator("#hsr-load-status")).to_contain_text("Done")
+    page.get_by_role("tab", name="5 · Chat").click()
+    page.get_by_role("button", name="Send", exact=True).click()  # the message is still there
+    for column in columns:
+        expect(column).to_contain_text("Name a colour.")
+        expect(column.locator(".hsr-complied, .hsr-refused, .hsr-incoherent")).to_have_count(3)
+    expect(chat_status).to_have_text("")
+
+
 def test_progress_and_stop(page, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Last: it loads a slow model into the main tab (the tests before need its results)."""
     from playwright.sync_api import expect
 
     folder = slow_model(tmp_path_factory.mktemp("slow") / "slow-llama")
@@ -190,22 +454,3 @@ def test_progress_and_stop(page, tmp_path_factory: pytest.TempPathFactory) -> No
     page.get_by_role("button", name="Stop").locator("visible=true").click()
     expect(page.locator("#hsr-ships-status")).to_contain_text("Stopped", timeout=TIMEOUT_MS)
     expect(page.get_by_role("button", name="Run Ships attribution")).to_be_enabled()
-
-
-def test_localization_ladder_through_the_browser(page) -> None:
-    """After the pipeline above: the Localize tab runs the ladder and draws it. Saves
-    ``app-localize.png``."""
-    from playwright.sync_api import expect
-
-    page.get_by_role("tab", name="8 · Localize").click()
-    n = page.locator("#hsr-ladder-n input")
-    n.fill("4")
-    n.press("Tab")
-    tokens = page.locator("#hsr-ladder-max-new input[type=number]")
-    tokens.fill("3")
-    tokens.press("Tab")
-    page.get_by_role("button", name="Run the ladder").click()
-    expect(page.locator("#hsr-ladder-msg")).to_contain_text("Done", timeout=TIMEOUT_MS)
-    expect(page.locator("#hsr-ladder-chart .js-plotly-plot")).to_be_visible()
-    expect(page.locator("#hsr-ladder-chart")).to_contain_text("every pruned MLP weight")
-    shot(page, "app-localize.png")

@@ -329,8 +329,10 @@ def test_new_realign_settings_apply_from_the_next_message(session: Client) -> No
 
 
 def test_bad_generation_settings_are_explained(session: Client) -> None:
-    with pytest.raises(AppError, match="less than minimum value 0.05"):  # gradio's own check
+    with pytest.raises(AppError, match=r"top_p must be in \(0, 1\], got 0"):  # the app's words
         chat(session, "hi", top_p=0)
+    with pytest.raises(AppError, match="max_new_tokens must be a whole number"):
+        chat(session, "hi", max_new_tokens=2.5)
     with pytest.raises(AppError, match="type a message"):
         chat(session, "   ")
 
@@ -629,6 +631,11 @@ def test_vision_chat_takes_an_uploaded_image(url: str, tmp_path: Path) -> None:
         assert any(
             "path" in part or part.get("type") in ("file", "image") for part in user["content"]
         ), user  # the image is shown in the conversation
+
+    fake = tmp_path / "holiday.png"
+    fake.write_text("a shopping list, not a picture\n")
+    with pytest.raises(AppError, match="holiday.png is not an image: give a PNG"):
+        c.predict(message="And this?", image=handle_file(str(fake)), **settings, api_name="/chat")
 
     text_only = client(url)
     load(text_only)

@@ -1,6 +1,8 @@
 """The plumbing every tab uses: wiring events by component name, the model's concurrency group
 and thread, locking the run buttons (and giving them back on every outcome), progress with an
-ETA, the Stop flag, and turning the core's errors into messages that say what to do.
+ETA, the Stop flag, and turning the core's errors into messages that say what to do: a toast,
+the words an API client gets, and, for an event wired with ``message=``, the same words left in
+that Markdown on the page until the next action (``locked``, ``noting_failures``).
 
 A tab builds its components into one dict ``c`` (name -> component) and wires its events with
 ``event`` / ``slow``; handlers return dicts keyed by output *names*, which ``by_name`` turns
@@ -15,7 +17,9 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from typing import Any
@@ -31,8 +35,8 @@ from ui.workbench import MODEL_THREAD, WORKBENCH
 log = logging.getLogger("hsr.app")
 
 TRACK_TQDM = gr.Progress(track_tqdm=True)
-PROGRESS = gr.Progress()
-"""Progress defaults (gradio makes a fresh tracker per call from them)."""
+"""The progress default of every slow step: the core's tqdm bars (gradio makes a fresh tracker
+per call from it)."""
 
 MODEL = {"concurrency_id": "model", "concurrency_limit": 1}
 """Every event that touches the shared model runs in this group, one at a time."""
@@ -43,6 +47,7 @@ RUN_BUTTONS = (
     "prune_btn",
     "eval_btn",
     "export_btn",
+    "save_btn",
     "push_btn",
     "ladder_btn",
 )
@@ -69,6 +74,8 @@ def explain(exc: BaseException) -> tuple[str, str] | None:
         return "Unsupported architecture", str(exc)
     if isinstance(exc, pipeline.ModelLoadError):
         return "Could not load the model", str(exc)
+    if isinstance(exc, pipeline.ImageError):
+        return "Not an image", str(exc)
     if isinstance(exc, pipeline.DataError):
         return (
             "Could not read the data",
@@ -84,6 +91,23 @@ def explain(exc: BaseException) -> tuple[str, str] | None:
     return None
 
 
+def to_error(step: str, exc: BaseException) -> gr.Error:
+    """The ``gr.Error`` (a toast, and the words an API client gets) for an error of ``step``."""
+    if isinstance(exc, gr.Error):
+        return exc
+    known = explain(exc)
+    if known is None:
+        log.error("%s failed", step, exc_info=exc)
+        return gr.Error(
+            f"{step} failed unexpectedly ({type(exc).__name__}: {exc}). Earlier results "
+            "are kept; the server log has the details.",
+            title=f"{step} failed",
+        )
+    title, message = known
+    log.warning("%s: %s: %s", step, title, message)
+    return gr.Error(message, title=f"{step}: {title}", print_exception=False)
+
+
 def user_errors(step: str) -> Callable[[Callable], Callable]:
     """Turn the core's errors into ``gr.Error`` messages that say what to do."""
 
@@ -92,20 +116,11 @@ def user_errors(step: str) -> Callable[[Callable], Callable]:
         def run(*args: Any, **kwargs: Any) -> Any:
             try:
                 return fn(*args, **kwargs)
-            except gr.Error:
-                raise
             except Exception as e:
-                known = explain(e)
-                if known is None:
-                    log.exception("%s failed", step)
-                    raise gr.Error(
-                        f"{step} failed unexpectedly ({type(e).__name__}: {e}). Earlier results "
-                        "are kept; the server log has the details.",
-                        title=f"{step} failed",
-                    ) from e
-                title, message = known
-                log.warning("%s: %s: %s", step, title, message)
-                raise gr.Error(message, title=f"{step}: {title}", print_exception=False) from e
+                error = to_error(step, e)
+                if error is e:
+                    raise
+                raise error from e
 
         return run
 
@@ -126,8 +141,9 @@ def stop(request: gr.Request) -> None:
 
 
 def forget(request: gr.Request) -> None:
-    """Drop the session's Stop flag when its tab closes."""
+    """Drop the session's Stop flag and failure words when its tab closes."""
     WORKBENCH.forget(request.session_hash)
+    FAILURES.forget(request.session_hash)
 
 
 def drop_state(demo: gr.Blocks, request: gr.Request) -> None:
@@ -144,10 +160,6 @@ def drop_state(demo: gr.Blocks, request: gr.Request) -> None:
             holder.delete_state(request.session_hash)
 
 
-def _reraise(exc: BaseException) -> None:
-    raise exc
-
-
 def stream_errors(step: str) -> Callable[[Callable], Callable]:
     """``user_errors`` for generator handlers (errors raised while streaming)."""
 
@@ -156,10 +168,11 @@ def stream_errors(step: str) -> Callable[[Callable], Callable]:
         def run(*args: Any, **kwargs: Any) -> Iterator[Any]:
             try:
                 yield from fn(*args, **kwargs)
-            except gr.Error:
-                raise
             except Exception as e:
-                user_errors(step)(_reraise)(e)
+                error = to_error(step, e)
+                if error is e:
+                    raise
+                raise error from e
 
         return run
 
@@ -210,6 +223,169 @@ def show_eta(progress: Any) -> None:
         return None if report is None else with_eta(report)
 
     progress._progress_callback = callback
+
+
+# ---------------------------------------------------------------------------------------------
+# failures: the message stays on the page, the buttons come back
+
+
+class Failures:
+    """The last failure of each (session, message component), from the step's handler to the
+    failure handler that writes it on the page.
+
+    A handler that raises cannot update an output, and the handler that runs after it
+    (``.failure``) is not told why it failed; so the step's handler keeps the words here,
+    under the session and the Markdown that shows them, and the failure handler takes them.
+    API clients run no failure handler: their entries are replaced by their next failure,
+    forgotten when their session ends, and the oldest go beyond ``size``.
+    """
+
+    def __init__(self, size: int = 1024) -> None:
+        self.size = size
+        self._lock = threading.Lock()
+        self._texts: OrderedDict[tuple[str, str], str] = OrderedDict()
+
+    def put(self, session: str | None, where: str, text: str) -> None:
+        with self._lock:
+            self._texts[(session or "", where)] = text
+            self._texts.move_to_end((session or "", where))
+            while len(self._texts) > self.size:
+                self._texts.popitem(last=False)
+
+    def take(self, session: str | None, where: str) -> str | None:
+        with self._lock:
+            return self._texts.pop((session or "", where), None)
+
+    def forget(self, session: str | None) -> None:
+        with self._lock:
+            for key in [k for k in self._texts if k[0] == (session or "")]:
+                del self._texts[key]
+
+
+FAILURES = Failures()
+
+KEPT = "Earlier results are kept."
+
+NOT_RUN = (
+    f"**Failed before the step ran** (the toast says why: usually a value out of its range). {KEPT}"
+)
+"""What the page says of a failure that no handler of ours saw (gradio refused an input)."""
+
+
+def failure_text(error: gr.Error) -> str:
+    """The Markdown a failed step leaves where its result would be."""
+    message = str(error.message).strip()
+    kept = "" if "results are kept" in message else f" {KEPT}"
+    return f"**{error.title}.** {message}{kept}"
+
+
+def _request_index(fn: Callable) -> int | None:
+    """The position of ``fn``'s ``gr.Request`` parameter (gradio passes every input, the
+    request and progress trackers positionally), or None."""
+    hints = gr.utils.get_type_hints(fn)
+    for i, param in enumerate(inspect.signature(fn).parameters.values()):
+        if param.kind not in (param.POSITIONAL_ONLY, param.POSITIONAL_OR_KEYWORD):
+            break
+        if hints.get(param.name) in (gr.Request, gr.Request | None):
+            return i
+    return None
+
+
+def noting_failures(fn: Callable, where: str) -> Callable:
+    """``fn``, which keeps the words of its failure in ``FAILURES`` for the failure handler.
+
+    The error becomes a ``gr.Error`` (``to_error``: a toast in the browser, the words an API
+    client gets) and is raised on. Gradio finds the session in a ``gr.Request`` parameter;
+    when ``fn`` has none, the wrapper gets one more, at the end of its positional parameters,
+    which ``fn`` never sees.
+    """
+    index = _request_index(fn)
+    added = index is None
+    sig = inspect.signature(fn)
+    if added:
+        params = list(sig.parameters.values())
+        index = next(
+            (
+                i
+                for i, p in enumerate(params)
+                if p.kind not in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+            ),
+            len(params),
+        )
+        extra = inspect.Parameter(
+            "hsr_request", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None
+        )
+        sig = sig.replace(parameters=[*params[:index], extra, *params[index:]])
+    step = getattr(fn, "__name__", "The step")
+
+    def split(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, tuple, dict]:
+        if added:
+            if "hsr_request" in kwargs:
+                kwargs = dict(kwargs)
+                return kwargs.pop("hsr_request"), args, kwargs
+            if len(args) > index:
+                return args[index], args[:index] + args[index + 1 :], kwargs
+            return None, args, kwargs
+        return (args[index] if len(args) > index else None), args, kwargs
+
+    def keep(request: Any, exc: BaseException) -> gr.Error:
+        error = to_error(step, exc)
+        FAILURES.put(getattr(request, "session_hash", None), where, failure_text(error))
+        return error
+
+    if inspect.isgeneratorfunction(fn):
+
+        @functools.wraps(fn)
+        def stream(*args: Any, **kwargs: Any) -> Iterator[Any]:
+            request, args, kwargs = split(args, kwargs)
+            FAILURES.take(getattr(request, "session_hash", None), where)
+            try:
+                yield from fn(*args, **kwargs)
+            except Exception as e:
+                error = keep(request, e)
+                if error is e:
+                    raise
+                raise error from e
+
+        wrapper = stream
+    else:
+
+        @functools.wraps(fn)
+        def run(*args: Any, **kwargs: Any) -> Any:
+            request, args, kwargs = split(args, kwargs)
+            FAILURES.take(getattr(request, "session_hash", None), where)
+            try:
+                return fn(*args, **kwargs)
+            except Exception as e:
+                error = keep(request, e)
+                if error is e:
+                    raise
+                raise error from e
+
+        wrapper = run
+    if added:
+        wrapper.__signature__ = sig
+        wrapper.__annotations__ = {**getattr(fn, "__annotations__", {}), "hsr_request": gr.Request}
+    return wrapper
+
+
+def show_failure(
+    c: dict[str, Any], where: str, unlock: Sequence[str] = (), untouched: Sequence[Any] = ()
+) -> Callable:
+    """The failure handler: the step's words into ``where``, the ``unlock`` buttons back.
+
+    ``untouched`` (the step's outputs) keep their values; naming them as outputs clears the
+    "Error" badge gradio leaves on them, which would cover the earlier results they show.
+    """
+
+    def failed(request: gr.Request) -> dict[Any, Any]:
+        text = FAILURES.take(request.session_hash, where) or NOT_RUN
+        out: dict[Any, Any] = {block: gr.skip() for block in untouched}
+        out.update({c[n]: gr.update(interactive=True) for n in unlock})
+        out[c[where]] = text
+        return out
+
+    return failed
 
 
 # ---------------------------------------------------------------------------------------------
@@ -266,22 +442,42 @@ def event(
     fn: Callable[..., dict[str, Any]],
     inputs: Sequence[str],
     outputs: Sequence[str],
+    *,
+    message: str | None = None,
+    unlock: Sequence[str] = (),
     **kw: Any,
 ) -> Any:
     """Wire ``fn`` to ``trigger`` (an event method or a list of them) by component names.
 
-    Events of the model's concurrency group (``**MODEL``) run in the model thread."""
+    Events of the model's concurrency group (``**MODEL``) run in the model thread. With
+    ``message`` (a Markdown's name), a failure leaves its words there, kept until the next
+    action, besides gradio's toast, and gives the ``unlock`` buttons back; a success gives them
+    back too. Both are handlers chained on the step's outcome (``.success`` and ``.failure``),
+    never ``.then``: gradio's page runs a ``.then`` only after a success (see ``locked``).
+    """
     if kw.get("concurrency_id") == MODEL["concurrency_id"]:
         fn = on_model_thread(fn)
-    args = dict(
-        fn=by_name(fn, c, outputs),
-        inputs=[c[n] for n in inputs],
-        outputs=[c[n] for n in outputs],
-        **kw,
-    )
-    if isinstance(trigger, list):
-        return gr.on(triggers=trigger, **args)
-    return trigger(**args)
+    fn = by_name(fn, c, outputs)
+    if message is not None:
+        fn = noting_failures(fn, message)
+    args = dict(fn=fn, inputs=[c[n] for n in inputs], outputs=[c[n] for n in outputs], **kw)
+    step = gr.on(triggers=trigger, **args) if isinstance(trigger, list) else trigger(**args)
+    if message is not None:
+        shown = [c[n] for n in [*unlock, message]]
+        targets = kw.get("show_progress_on") or []
+        targets = targets if isinstance(targets, list) else [targets]
+        untouched: list[Any] = []
+        for block in [*args["outputs"], *targets]:
+            if all(block is not b for b in [*shown, *untouched]):
+                untouched.append(block)
+        step.failure(
+            show_failure(c, message, unlock, untouched),
+            outputs=[*shown, *untouched],
+            **PRIVATE,
+        )
+    if unlock:
+        step.success(controls(c, unlock, True), outputs=[c[n] for n in unlock], **PRIVATE)
+    return step
 
 
 def controls(
@@ -299,6 +495,36 @@ def controls(
     return set_all
 
 
+def locked(
+    c: dict[str, Any],
+    trigger: Any,
+    fn: Callable[..., dict[str, Any]],
+    inputs: Sequence[str],
+    outputs: Sequence[str],
+    *,
+    buttons: Sequence[str],
+    message: str,
+    working: str = "*Working...*",
+    **kw: Any,
+) -> Any:
+    """A step that locks ``buttons`` while it runs: lock them and write ``working`` into
+    ``message`` at once, run ``fn``, then give them back on every outcome, with the failure's
+    words in ``message`` when it failed (``event``).
+
+    Why not ``.then(unlock)``: gradio's page (``templates/frontend/assets/Blocks-*.js``,
+    ``dispatch``) runs a step's ``success`` and ``all`` (``.then``) followers when its stream
+    ends, but a failed step throws out of that loop into a ``catch`` that runs only its
+    ``failure`` followers; a ``.then`` after a failed step never runs in the browser.
+    """
+    lock = controls(c, buttons, False, (message, working))
+    lock_outputs = [c[n] for n in [*buttons, message]]
+    if isinstance(trigger, list):
+        locking = gr.on(triggers=trigger, fn=lock, outputs=lock_outputs, **PRIVATE)
+    else:
+        locking = trigger(lock, outputs=lock_outputs, **PRIVATE)
+    return event(c, locking.then, fn, inputs, outputs, message=message, unlock=buttons, **kw)
+
+
 def slow(
     c: dict[str, Any],
     button: str,
@@ -309,19 +535,18 @@ def slow(
     message: str,
     **kw: Any,
 ) -> Any:
-    """A slow step: lock the run buttons and say it runs (in ``message``, a Markdown output) at
-    once, run the step, then unlock the buttons whatever happened."""
+    """A slow step of the model: the run buttons are locked while it runs and come back on
+    every outcome; ``message`` (a Markdown output) says it runs, then what failed (``locked``)."""
     runs = [n for n in RUN_BUTTONS if n in c]
-    locked = c[button].click(
-        controls(c, runs, False, (message, "*Working...*")),
-        outputs=[c[n] for n in [*runs, message]],
-        **PRIVATE,
+    return locked(
+        c,
+        c[button].click,
+        fn,
+        inputs,
+        outputs,
+        buttons=runs,
+        message=message,
+        api_name=api_name,
+        **MODEL,
+        **kw,
     )
-    step = event(c, locked.then, fn, inputs, outputs, api_name=api_name, **MODEL, **kw)
-    step.then(controls(c, runs, True), outputs=[c[n] for n in runs], **PRIVATE)
-    step.failure(
-        controls(c, [], True, (message, "**Failed** (see the message); earlier results are kept.")),
-        outputs=[c[message]],
-        **PRIVATE,
-    )
-    return step

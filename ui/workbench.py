@@ -102,17 +102,24 @@ class Workbench:
 
         The name is resolved first (unknown ids, missing folders and download failures raise
         while the previous model stays loaded); only then is the previous model released.
+        Progress is a bar of these steps (finding, downloading or converting the model;
+        loading its weights; the variants), with the core's own bars inside them (a
+        download's bytes, a conversion's tensors, checkpoint shards).
         """
         with self.lock:
             key = model_key(spec)
             if key == self.model_key and self.loaded is not None:
                 return False
-            pipeline.prepare_model(spec, self.cache_root, log)  # raises before the release
-            self.release()
-            loaded = pipeline.load_model(spec, cache_dir=self.cache_root, log=log)
-            self.loaded = loaded
-            self.variants = pipeline.Variants(loaded, scratch=self.cache_root / "variants")
-            self.model_key = key
+            with pipeline.bar(total=3, desc=f"Loading {spec.name}", unit="step") as steps:
+                pipeline.prepare_model(spec, self.cache_root, log)  # raises before the release
+                steps.update()
+                self.release()
+                loaded = pipeline.load_model(spec, cache_dir=self.cache_root, log=log)
+                steps.update()
+                self.loaded = loaded
+                self.variants = pipeline.Variants(loaded, scratch=self.cache_root / "variants")
+                self.model_key = key
+                steps.update()
             return True
 
     def release(self) -> None:
@@ -239,17 +246,22 @@ DOWNLOADS_KEPT_S = 600
 cache when the handler returns, so the original is only needed that long."""
 
 
-def download_dir(kind: str) -> Path:
+def download_dir(kind: str, under: Path | None = None) -> Path:
     """A fresh folder for files a handler returns for download (exports, zips).
 
     Folders of the same ``kind`` older than ``DOWNLOADS_KEPT_S`` are deleted first, so that
     exported models do not pile up in the temporary folder.
+
+    Args:
+        kind: a name for the kind of file (one folder of them per kind).
+        under: where the kinds' folders are (default ``<temp>/hsr-workbench``); gradio's own
+            cache folder for a file gradio should serve as it is, without a copy of its own.
     """
     import shutil
     import tempfile
     import time
 
-    root = Path(tempfile.gettempdir()) / "hsr-workbench" / kind
+    root = Path(under or Path(tempfile.gettempdir()) / "hsr-workbench") / kind
     root.mkdir(parents=True, exist_ok=True)
     for old in root.iterdir():
         try:

@@ -229,8 +229,11 @@ def _turn(
 ) -> Iterator[dict[str, Any]]:
     """Add a turn and stream its three answers (the body of ``send`` and ``regenerate``)."""
     loaded = WORKBENCH.require(state)
-    if image is not None and not loaded.is_vision:
-        raise ConfigError(f"{state.model_name} is a text-only model: it cannot take an image")
+    picture = None
+    if image is not None:
+        if not loaded.is_vision:
+            raise ConfigError(f"{state.model_name} is a text-only model: it cannot take an image")
+        picture = pipeline.open_image(image)  # not an image: refused before anything runs
     answers = {v: _answer(state, v) for v in VARIANTS}
     turn: Turn = {
         "user": message,
@@ -251,7 +254,7 @@ def _turn(
         jobs,
         settings,
         runner=MODEL_THREAD,
-        image=image,
+        image=picture,
         should_stop=stop_flag.is_set,
         lock=WORKBENCH.lock,
         min_interval=STREAM_INTERVAL_S,
@@ -278,10 +281,18 @@ def _turn(
     yield {**_columns(turns, state), "chat_state": turns, "chat_turn": turn}
 
 
+def _image_path(image: Any) -> str | None:
+    """The uploaded image's file: the send events take their inputs as the page sends them
+    (``preprocess=False``), where an image is a file record (``{"path": ...}``)."""
+    if isinstance(image, dict):
+        return image.get("path") or None
+    return str(image) if image else None
+
+
 @events.stream_errors("Chat")
 def send(
     message: str,
-    image: str | None,
+    image: Any,
     system_prompt: str,
     max_new_tokens: float,
     temperature: float,
@@ -296,7 +307,7 @@ def send(
     if not message:
         raise ConfigError("type a message (or click an example) first")
     settings = generation_settings(system_prompt, max_new_tokens, temperature, top_p, seed)
-    yield from _turn(message, image or None, settings, list(turns or []), state, request)
+    yield from _turn(message, _image_path(image), settings, list(turns or []), state, request)
 
 
 @events.stream_errors("Regenerate")
@@ -326,6 +337,7 @@ def clear() -> dict[str, Any]:
         "chat_state": [],
         "chat_turn": None,
         "chat_file": gr.update(value=None, visible=False),
+        "chat_status": "",
     }
 
 
@@ -451,6 +463,7 @@ def build(c: dict[str, Any]) -> None:
             c["chat_stop"] = gr.Button(
                 "Stop", variant="stop", scale=1, min_width=90, elem_id="hsr-chat-stop"
             )
+        c["chat_status"] = gr.Markdown(elem_id="hsr-chat-status", label="chat status")
         with gr.Row(elem_id="hsr-chat-tools"):
             c["chat_regen"] = gr.Button("↻ Regenerate", size="sm", scale=0, min_width=120)
             c["chat_clear"] = gr.Button("Clear", size="sm", scale=0, min_width=90)
@@ -508,29 +521,35 @@ BUTTONS = ["chat_send", "chat_regen", "chat_clear"]
 def wire(c: dict[str, Any]) -> None:
     """The Chat tab's events."""
     private = events.PRIVATE
-    buttons = [c[n] for n in BUTTONS]
 
-    def guarded(trigger: Any, fn: Callable, inputs: list[str], **kw: Any) -> Any:
-        """Lock the chat buttons, stream ``fn``, unlock them whatever happened."""
-        locked = trigger(events.controls(c, BUTTONS, False), outputs=buttons, **private)
-        step = events.event(
-            c, locked.then, fn, inputs, OUTPUTS, show_progress="minimal", **events.MODEL, **kw
+    def turn(trigger: Any, fn: Callable, inputs: list[str], **kw: Any) -> Any:
+        """Lock the chat buttons, stream ``fn``, give them back whatever happened (a failure's
+        words stay in the chat's status line)."""
+        return events.locked(
+            c,
+            trigger,
+            fn,
+            inputs,
+            OUTPUTS,
+            buttons=BUTTONS,
+            message="chat_status",
+            working="",
+            show_progress="minimal",
+            **events.MODEL,
+            **kw,
         )
-        step.then(events.controls(c, BUTTONS, True), outputs=buttons, **private)
-        return step
 
     send_inputs = ["chat_msg", "chat_image", *SETTINGS, "chat_state", "state"]
-    guarded(
-        lambda fn, **kw: gr.on([c["chat_send"].click, c["chat_msg"].submit], fn, **kw),
-        send,
-        send_inputs,
-        api_name="chat",
-    )
+    # the inputs as the page sends them: gr.Image would open the upload with PIL before the
+    # handler runs, so a file that is not an image failed with gradio's bare "Error"
+    # ("upstream exception" through the API); the turn opens it and says what is wrong
+    raw = {"preprocess": False}
+    turn([c["chat_send"].click, c["chat_msg"].submit], send, send_inputs, api_name="chat", **raw)
     picked = events.event(
         c, c["chat_examples"].click, pick_example, ["chat_examples"], ["chat_msg"], **private
     )
-    guarded(picked.then, send, send_inputs, api_visibility="private")
-    guarded(
+    turn(picked.then, send, send_inputs, api_visibility="private", **raw)
+    turn(
         c["chat_regen"].click,
         regenerate,
         [*SETTINGS, "chat_state", "state"],
@@ -539,7 +558,7 @@ def wire(c: dict[str, Any]) -> None:
     c["chat_stop"].click(
         events.stop, api_visibility="private", concurrency_limit=None, show_progress="hidden"
     )
-    cleared = [*OUTPUTS[:3], "chat_state", "chat_turn", "chat_file"]
+    cleared = [*OUTPUTS[:3], "chat_state", "chat_turn", "chat_file", "chat_status"]
     events.event(c, c["chat_clear"].click, clear, [], cleared, api_name="chat_clear")
     for v in VARIANTS:  # a column's own trash button clears the whole conversation
         events.event(c, c[f"chat_{v}"].clear, clear, [], cleared, **private)
@@ -549,6 +568,7 @@ def wire(c: dict[str, Any]) -> None:
         events.user_errors("Export conversation")(export_conversation),
         ["chat_state", "state"],
         ["chat_file"],
+        message="chat_status",
         api_name="chat_export",
     ).success(lambda: gr.update(visible=True), outputs=c["chat_file"], **private)
     events.event(

@@ -1,8 +1,14 @@
 """Tab 7, Export: the pruned or realigned model as a ``save_pretrained`` folder in a zip with a
-model card (``pipeline.model_card``), pushed to the Hugging Face hub when asked, and the run's
-``heads.jsonl`` / ``summary.json`` (and ``eval.json``) written exactly as the command line
-writes them, from a ``RunConfig`` built of the session's configs. In public mode a push needs
-the visitor's own token (``ui.public``); nothing here takes a path of the server.
+model card (``pipeline.model_card``), saved to a folder of this machine or pushed to the
+Hugging Face hub when asked, and the run's ``heads.jsonl`` / ``summary.json`` (and
+``eval.json``) written exactly as the command line writes them, from a ``RunConfig`` built of
+the session's configs. In public mode a push needs the visitor's own token (``ui.public``);
+nothing here takes a path of the server.
+
+An export leaves one copy on the server: the zip, written into gradio's own cache folder, which
+gradio then serves as it is (a file elsewhere is copied there first, and the copy was never
+deleted); the folder it was made from is deleted once zipped. Models of more than
+``ZIP_MAX_MB`` are not zipped at all: the message points to a folder or the hub instead.
 """
 
 from __future__ import annotations
@@ -84,6 +90,20 @@ def _save(state: Session, variant: str, record: dict[str, Any] | None, folder: P
         return pipeline.export_variant(variants, variant, folder, card)
 
 
+ZIP_MAX_MB = 4096
+"""The largest model (weights in memory) exported as a zip for the browser; bigger ones are
+saved to a folder or pushed to the hub (a 7B model in bfloat16 is 13 GB)."""
+
+
+def served_dir() -> Path:
+    """Gradio's cache folder: a file returned from there is served without a copy."""
+    return Path(gr.utils.get_upload_folder())
+
+
+def _size_mb() -> float:
+    return float(WORKBENCH.loaded.info["weights_memory_mb"]) if WORKBENCH.loaded else 0.0
+
+
 def zip_folder(folder: Path, dest: Path) -> Path:
     """Zip ``folder`` (as its own top folder); weights are stored, text is deflated."""
     with zipfile.ZipFile(dest, "w") as z:
@@ -101,9 +121,26 @@ def zip_folder(folder: Path, dest: Path) -> Path:
 @events.user_errors("Export model")
 def export_model(variant: str, state: Session, record: dict[str, Any] | None) -> dict[str, Any]:
     """The pruned or realigned model as a ``save_pretrained`` folder in a zip, with its card."""
-    root = download_dir("models")
-    folder = _save(state, variant, record, root / f"{_slug(state.model_name)}-{variant}")
-    path = zip_folder(folder, root / f"{folder.name}.zip")
+    _require_variant(state, variant)
+    WORKBENCH.require(state)
+    size = _size_mb()
+    if size > ZIP_MAX_MB:
+        where = (
+            "push it to the hub (below)"
+            if public.POLICY.public
+            else "save it to a folder of this machine, or push it to the hub (below)"
+        )
+        raise ConfigError(
+            f"the {variant} model is {size / 1024:,.1f} GB, too big to download as a zip "
+            f"through the browser (up to {ZIP_MAX_MB / 1024:g} GB): {where}"
+        )
+    root = download_dir("hsr-models", under=served_dir())
+    try:
+        folder = _save(state, variant, record, root / f"{_slug(state.model_name)}-{variant}")
+        path = zip_folder(folder, root / f"{folder.name}.zip")
+    except BaseException:
+        shutil.rmtree(root, ignore_errors=True)
+        raise
     shutil.rmtree(folder, ignore_errors=True)
     size = path.stat().st_size / 2**20
     evaluated = matching_evaluation(state, record) is not None
@@ -114,6 +151,26 @@ def export_model(variant: str, state: Session, record: dict[str, Any] | None) ->
             "`save_pretrained` folder with its model card"
             + (" (with this session's evaluation)." if evaluated else ".")
         ),
+    }
+
+
+@events.user_errors("Save to a folder")
+def save_model(
+    variant: str, folder: str, state: Session, record: dict[str, Any] | None
+) -> dict[str, Any]:
+    """The pruned or realigned model as a ``save_pretrained`` folder on this machine."""
+    if public.POLICY.public:
+        raise public.Refused("This public app saves nothing on its server: push to the hub.")
+    if not (folder or "").strip():
+        raise ConfigError("give the folder to save the model in (a new or empty one)")
+    dest = Path(folder.strip()).expanduser()
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        raise ConfigError(f"{dest} is not an empty folder: give a new or empty one")
+    saved = _save(state, variant, record, dest)
+    size = sum(f.stat().st_size for f in saved.rglob("*") if f.is_file()) / 2**20
+    return {
+        "export_msg": f"**Saved** the {variant} model to `{saved}` ({size:,.1f} MiB), with its "
+        "model card: it loads with `from_pretrained` (and `python -m hsr_core`)."
     }
 
 
@@ -227,6 +284,15 @@ def build(c: dict[str, Any]) -> None:
                 )
                 c["export_btn"] = gr.Button("Export model (zip)", variant="primary")
                 c["export_file"] = gr.File(None, label="model zip", interactive=False, height=110)
+                with gr.Accordion(
+                    "Save to a folder of this machine (any size)",
+                    open=False,
+                    visible=not public.POLICY.public,
+                ):
+                    c["export_dir"] = gr.Textbox(
+                        "", label="folder", placeholder="a new or empty folder, e.g. ~/pruned"
+                    )
+                    c["save_btn"] = gr.Button("Save")
                 with gr.Accordion("Push to the Hugging Face hub", open=False):
                     c["hub_repo"] = gr.Textbox("", label="repository id", placeholder="user/name")
                     c["hub_token"] = gr.Textbox(
@@ -268,6 +334,15 @@ def wire(c: dict[str, Any]) -> None:
     )
     events.slow(
         c,
+        "save_btn",
+        save_model,
+        ["export_variant", "export_dir", "state", "eval_state"],
+        ["export_msg"],
+        api_name="save_model",
+        message="export_msg",
+    )
+    events.slow(
+        c,
         "push_btn",
         push_to_hub,
         ["export_variant", "hub_repo", "hub_token", "hub_private", "state", "eval_state"],
@@ -281,5 +356,6 @@ def wire(c: dict[str, Any]) -> None:
         export_files,
         ["state", "eval_state"],
         ["run_files", "export_msg"],
+        message="export_msg",
         api_name="export_files",
     )

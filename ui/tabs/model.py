@@ -85,14 +85,27 @@ def _cleared() -> dict[str, Any]:
 
 @events.user_errors("Load model")
 def load_model(
-    name: str, dtype: str, device: str, state: Session, progress=events.PROGRESS
+    name: str, dtype: str, device: str, state: Session, progress=events.TRACK_TQDM
 ) -> dict[str, Any]:
-    """Load a model (or reuse it when this process has it already) and describe it."""
+    """Load a model (or reuse it when this process has it already) and describe it.
+
+    The progress is the core's bars (``Workbench.load``: its steps, and a download's bytes, a
+    conversion's tensors or checkpoint shards inside them); the core's messages show between
+    them, without a made-up fraction. Its messages that are not progress ("...") stay in the
+    status: what was repaired (a damaged cache rebuilt, an interrupted build's folder removed).
+    """
     spec = ModelSpec(name=(name or "").strip(), dtype=dtype, device=device)
     public.POLICY.check_model(spec)
-    progress(0.05, desc=f"Loading {spec.name}")
+    progress(None, desc=f"Loading {spec.name}")
+    notes: list[str] = []
+
+    def log(message: str) -> None:
+        progress(None, desc=message)
+        if not message.endswith("..."):
+            notes.append(message)
+
     t0 = time.perf_counter()
-    changed = WORKBENCH.load(spec, log=lambda msg: progress(0.3, desc=msg))
+    changed = WORKBENCH.load(spec, log=log)
     loaded = WORKBENCH.loaded
     same = state.model == WORKBENCH.model_key
     new = state if same else Session(WORKBENCH.model_key, spec.name, state.data)
@@ -100,7 +113,7 @@ def load_model(
     out = {
         "state": new,
         "model_info": _describe(loaded.describe()),
-        "load_status": f"**Done:** `{spec.name}` {took}.",
+        "load_status": f"**Done:** `{spec.name}` {took}." + "".join(f"\n\n- {n}" for n in notes),
         "status": status_line(new),
     }
     if not same:  # a new model for this session: empty the later steps, suggest settings
@@ -286,5 +299,6 @@ def wire(c: dict[str, Any]) -> None:
         load_data,
         ["data_source", "data_location", "columns", "upload", "state"],
         ["state", "data_info", "status", *later],
+        message="data_info",
         api_name="load_data",
     )

@@ -28,6 +28,9 @@ LIVE_THREADS = 1
 thread hand-offs cost more than they bring (and a busy machine makes them far worse; see
 ``bench/bench_realign_live.py --threads``)."""
 
+SLIDERS = ("p", "q", "max_p", "top_h")
+"""The number settings of the restore set: sliders whose boxes take a typed value."""
+
 CSS = """
 #hsr-realign-msg p { margin: 0; }
 #hsr-realign-heatmap .js-plotly-plot { cursor: pointer; }
@@ -53,9 +56,23 @@ HEAD = """
     });
   };
   setInterval(bind, 700);
+  // Enter in a setting's number box applies it: leaving the box is what releases a slider
+  document.addEventListener("keydown", (ev) => {
+    const box = ev.target;
+    if (ev.key !== "Enter" || !(box instanceof HTMLInputElement) || box.type !== "number") return;
+    if (!box.closest("#hsr-realign-controls")) return;
+    ev.preventDefault();
+    box.blur();
+  }, true);
 })();
 </script>
 """
+
+
+def _boxes(state: Session) -> dict[str, Any]:
+    """The number boxes set back to the settings of the session's restore set (if any)."""
+    cfg = state.realign
+    return {} if cfg is None else {name: getattr(cfg, name) for name in SLIDERS}
 
 
 def realign_view(
@@ -187,7 +204,7 @@ def _realign(
 ) -> dict[str, Any]:
     cfg, problem = realign_config(p, q, max_p, top_h, slicing, scope)
     if cfg is None:
-        return {"realign_msg": problem}
+        return {"realign_msg": problem + _kept(state), **_boxes(state)}
     with WORKBENCH.lock:
         if not strict and (state.model is None or state.masks is None or state.scores is None):
             return {"realign_msg": "Attribute and prune first; then move the sliders."}
@@ -202,7 +219,10 @@ def _realign(
         try:
             cfg.check_heads(a.num_layers, a.num_heads)
         except ConfigError as e:
-            return {"realign_msg": f"**Nothing changed:** {e}. Lower top_h."}
+            return {
+                "realign_msg": f"**Nothing changed:** {e}. Lower top_h.{_kept(state)}",
+                **_boxes(state),
+            }
         view = realign_view(
             loaded,
             state.masks,
@@ -222,6 +242,16 @@ def _realign(
         f"· {cfg.slicing} slicing"
         + (" · **heads+mlp: our extension, not in the paper**" if cfg.scope != "heads" else ""),
     }
+
+
+def _kept(state: Session) -> str:
+    cfg = state.realign
+    if cfg is None:
+        return ""
+    return (
+        f" The results and the boxes show p={cfg.p:g} · q={cfg.q:g} · max_p={cfg.max_p:g} · "
+        f"top_h={cfg.top_h}."
+    )
 
 
 @events.user_errors("Realign")
@@ -297,13 +327,14 @@ OUTPUTS = [
     "realign_bars",
     "realign_head",
     "head_plot",
+    *SLIDERS,
     "realign_json",
 ]
 
 
 def build(c: dict[str, Any]) -> None:
     with gr.Tab("4 · Realign", id="realign"), gr.Row(equal_height=False):
-        with gr.Column(scale=1, min_width=300):
+        with gr.Column(scale=1, min_width=300, elem_id="hsr-realign-controls"):
             gr.Markdown(
                 "Restore candidates R: weights in the top **q** by safety whose utility rank "
                 "lies between the top **p** and the top **max_p**. Inside the **top_h** heads, "
@@ -364,12 +395,14 @@ def build(c: dict[str, Any]) -> None:
 
 def wire(c: dict[str, Any]) -> None:
     # redraw after the steps the restore set depends on (when they succeeded)
-    refresh = events.by_name(events.on_model_thread(realign_refresh), c, OUTPUTS)
     for step in ("attribute_done", "prune_done"):
-        c[step].success(
-            refresh,
-            inputs=[c[n] for n in INPUTS],
-            outputs=[c[n] for n in OUTPUTS],
+        events.event(
+            c,
+            c[step].success,
+            realign_refresh,
+            INPUTS,
+            OUTPUTS,
+            message="realign_msg",
             api_visibility="private",
             show_progress="hidden",
             **events.MODEL,
@@ -388,6 +421,11 @@ def wire(c: dict[str, Any]) -> None:
         realign,
         INPUTS,
         OUTPUTS,
+        message="realign_msg",
+        # the values as typed: gradio's range check would refuse one before the handler (a
+        # toast, then the box clamped: -1 shows as 0 while the results are still the last
+        # ones); _realign checks them, says what is wrong and puts the boxes back
+        preprocess=False,
         api_name="realign",
         trigger_mode="always_last",
         show_progress="minimal",
@@ -400,6 +438,7 @@ def wire(c: dict[str, Any]) -> None:
         head_detail,
         ["realign_head", "state"],
         ["state", "head_plot", "realign_head"],
+        message="realign_msg",
         api_name="head_detail",
         trigger_mode="always_last",
         show_progress="minimal",
@@ -411,6 +450,7 @@ def wire(c: dict[str, Any]) -> None:
         head_clicked,
         ["clicked_head", "state"],
         ["state", "head_plot", "realign_head"],
+        message="realign_msg",
         api_visibility="private",
         trigger_mode="always_last",
         show_progress="minimal",
