@@ -31,7 +31,7 @@ import torch
 from .config import GenerationSettings
 from .data import Sample, chat_messages, encode_prompt, load_image, templater
 from .models import LoadedModel
-from .progress import StopFlag
+from .progress import StopFlag, StopOnFlag
 
 if TYPE_CHECKING:
     from .variants import Variants
@@ -63,23 +63,6 @@ def chat_inputs(
     if isinstance(image, str):
         image = load_image(Sample(prompt="", image=image))
     return encode_prompt(loaded, text, image)
-
-
-class _StopOnFlag:
-    """A stopping criterion: True (for every row) once the flag is set."""
-
-    def __init__(self, flags: Sequence[StopFlag | threading.Event]) -> None:
-        self.flags = flags
-
-    def __call__(
-        self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any
-    ) -> torch.Tensor:
-        stop = any(
-            (f.is_set() if isinstance(f, threading.Event) else f())
-            for f in self.flags
-            if f is not None
-        )
-        return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
 
 
 class _TextCallback:
@@ -138,7 +121,7 @@ def generate_reply(
             max_new_tokens=settings.max_new_tokens,
             pad_token_id=tok.pad_token_id,
             streamer=out.streamer,
-            stopping_criteria=StoppingCriteriaList([_StopOnFlag([should_stop])]),
+            stopping_criteria=StoppingCriteriaList([StopOnFlag([should_stop])]),
             **settings.generate_kwargs(),
         )
     return out.text

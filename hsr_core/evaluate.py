@@ -29,7 +29,7 @@ from .config import EvalConfig
 from .data import Sample, iter_batches
 from .judges import VERDICTS, GuardJudge, is_refusal, judge_verdicts
 from .models import LoadedModel
-from .progress import StopFlag, bar, check_stop
+from .progress import StopFlag, StopOnFlag, bar, check_stop
 
 __all__ = ["GuardJudge", "compare", "generate", "is_refusal", "judge_answers", "perplexity"]
 __all__ += ["rates", "rsr", "PERPLEXITY_IS", "evaluation_lines", "noise_notes", "rate_text"]
@@ -47,19 +47,32 @@ def generate(
     system: str | None = None,
     should_stop: StopFlag = None,
     desc: str = "Generating",
+    progress: Any | None = None,
 ) -> list[str]:
     """Greedy answers to ``samples``' prompts, in batches (left-padded).
+
+    ``should_stop`` is read before every batch and, as a stopping criterion, after every
+    token, so a stop ends a long generation at once (raising ``Cancelled``).
+
+    Args:
+        progress: a tqdm bar advanced by one per batch, instead of a bar of its own (one bar
+            over several calls: ``pipeline.evaluate``).
 
     Returns:
         One decoded answer per sample (special tokens removed).
     """
+    from transformers import StoppingCriteriaList
+
     answers: list[str] = []
     tok = loaded.tokenizer
     n_batches = -(-len(samples) // cfg.batch_size)
     batches = iter_batches(
         loaded, samples, cfg.batch_size, with_response=False, side="left", system=system
     )
-    for batch in bar(batches, desc=desc, total=n_batches, unit="batch"):
+    stopping = StoppingCriteriaList([StopOnFlag([should_stop])]) if should_stop else None
+    if progress is None:
+        batches = bar(batches, desc=desc, total=n_batches, unit="batch")
+    for batch in batches:
         check_stop(should_stop)
         inputs = batch.to(loaded.device).inputs
         out = loaded.model.generate(
@@ -67,9 +80,13 @@ def generate(
             max_new_tokens=cfg.max_new_tokens,
             do_sample=False,
             pad_token_id=tok.pad_token_id,
+            stopping_criteria=stopping,
         )
+        check_stop(should_stop)  # stopped inside generate: its cut answers are not kept
         new = out[:, inputs["input_ids"].shape[1] :]
         answers += [t.strip() for t in tok.batch_decode(new, skip_special_tokens=True)]
+        if progress is not None:
+            progress.update(1)
     return answers
 
 
@@ -79,8 +96,12 @@ def perplexity(
     samples: Sequence[Sample],
     batch_size: int = 8,
     should_stop: StopFlag = None,
+    progress: Any | None = None,
 ) -> float:
     """Perplexity of the samples' reference answers (answer tokens only).
+
+    Args:
+        progress: a tqdm bar advanced by one per batch (``generate``).
 
     Returns:
         ``exp(mean token negative log-likelihood)``; NaN when no sample has an answer.
@@ -96,6 +117,8 @@ def perplexity(
         logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None])[..., 0]
         nll -= float(logp[target].sum())
         count += int(target.sum())
+        if progress is not None:
+            progress.update(1)
     return math.exp(nll / count) if count else math.nan
 
 

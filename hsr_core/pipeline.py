@@ -423,28 +423,49 @@ def evaluate(
         "perplexity_is": f"{PERPLEXITY_IS} (reference answers of the benign evaluation "
         "prompts, answer tokens only)",
     }
-    for name in which:
-        if on_variant:
-            on_variant(name)
-        with variants.use(name) as loaded:
-            answers = generate(
-                loaded, samples, cfg, should_stop=should_stop, desc=f"Generating ({name})"
-            )
-            ppl = (
-                perplexity(loaded, reference, cfg.batch_size, should_stop=should_stop)
-                if reference
-                else math.nan
-            )
-            harness = (
-                run_lm_eval(loaded, cfg.lm_eval, limit=cfg.lm_eval_limit, batch_size=cfg.batch_size)
-                if cfg.lm_eval
-                else None
-            )
-        rows = judge_answers(samples, answers, cfg, judge)
-        out["variants"][name] = {**rates(rows), "perplexity": ppl}
-        if harness is not None:
-            out["variants"][name]["lm_eval"] = harness
-        out["variants"][name]["answers"] = rows
+    per_variant = -(-len(samples) // cfg.batch_size) + -(-len(reference) // cfg.batch_size)
+    # one bar over every variant's batches, so the progress and its ETA are the whole run's
+    with bar(
+        desc=f"Evaluating {len(which)} variant{'s' * (len(which) != 1)}",
+        total=len(which) * per_variant,
+        unit="batch",
+    ) as overall:
+        for name in which:
+            if on_variant:
+                on_variant(name)
+            overall.set_postfix_str(name)
+            with variants.use(name) as loaded:
+                answers = generate(
+                    loaded,
+                    samples,
+                    cfg,
+                    should_stop=should_stop,
+                    desc=f"Generating ({name})",
+                    progress=overall,
+                )
+                ppl = (
+                    perplexity(
+                        loaded,
+                        reference,
+                        cfg.batch_size,
+                        should_stop=should_stop,
+                        progress=overall,
+                    )
+                    if reference
+                    else math.nan
+                )
+                harness = (
+                    run_lm_eval(
+                        loaded, cfg.lm_eval, limit=cfg.lm_eval_limit, batch_size=cfg.batch_size
+                    )
+                    if cfg.lm_eval
+                    else None
+                )
+            rows = judge_answers(samples, answers, cfg, judge)
+            out["variants"][name] = {**rates(rows), "perplexity": ppl}
+            if harness is not None:
+                out["variants"][name]["lm_eval"] = harness
+            out["variants"][name]["answers"] = rows
     out.update(
         compare(
             {n: v["answers"] for n, v in out["variants"].items()},

@@ -2,14 +2,17 @@
 
 The core reports progress through ``tqdm`` only (the app shows it with
 ``gr.Progress(track_tqdm=True)``) and never imports a UI library. Long loops call
-``check_stop(should_stop)`` between units of work, so a Stop button really stops them.
+``check_stop(should_stop)`` between units of work, and generation takes ``StopOnFlag`` as a
+stopping criterion (read after every token), so a Stop button really stops them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import threading
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
+import torch
 from tqdm.auto import tqdm
 
 T = TypeVar("T")
@@ -24,6 +27,23 @@ def check_stop(should_stop: StopFlag) -> None:
     """Raise ``Cancelled`` when the stop flag is set."""
     if should_stop is not None and should_stop():
         raise Cancelled("stopped by the user")
+
+
+class StopOnFlag:
+    """A stopping criterion of ``generate``: True (for every row) once a flag is set."""
+
+    def __init__(self, flags: Sequence[StopFlag | threading.Event]) -> None:
+        self.flags = flags
+
+    def __call__(
+        self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any
+    ) -> torch.Tensor:
+        stop = any(
+            (f.is_set() if isinstance(f, threading.Event) else f())
+            for f in self.flags
+            if f is not None
+        )
+        return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
 
 
 def bar(

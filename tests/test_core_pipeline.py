@@ -185,3 +185,71 @@ def test_evaluate_variants(tiny_llama, tmp_path):
     assert out["variants"]["original"]["perplexity"] != out["variants"]["pruned"]["perplexity"]
     assert v.current == "original"
     v.close()
+
+
+def _count_forwards(loaded) -> tuple[dict[str, int], object]:
+    calls = {"n": 0}
+
+    def count(*_args):
+        calls["n"] += 1
+
+    return calls, loaded.model.register_forward_hook(count)
+
+
+def test_a_stop_ends_generation_inside_a_batch(tiny_llama):
+    """The stop flag is a stopping criterion too: a stop during a long generation ends it after
+    the current token (not at the end of the batch), and its cut answers are not returned."""
+    samples = [Sample("Tell me a long story about a dragon.")]
+    cfg = EvalConfig(max_new_tokens=40, batch_size=1)
+    calls, hook = _count_forwards(tiny_llama)
+    try:
+        generate(tiny_llama, samples, cfg, should_stop=lambda: False)
+        full = calls["n"]
+        asked = {"n": 0}
+
+        def stop_soon() -> bool:  # read before the batch, then after every token
+            asked["n"] += 1
+            return asked["n"] > 3
+
+        calls["n"] = 0
+        with pytest.raises(Cancelled):
+            generate(tiny_llama, samples, cfg, should_stop=stop_soon)
+    finally:
+        hook.remove()
+    assert full > 10  # without a stop the answer runs long
+    assert calls["n"] <= 3 < full
+
+
+def test_evaluate_reports_one_progress_over_every_variant(tiny_llama, tmp_path, monkeypatch):
+    """One bar counts every variant's generation and perplexity batches (so its ETA is the whole
+    run's); the per-call bars of ``generate`` are not made."""
+    from hsr_core import evaluate as ev_mod
+    from hsr_core.variants import Variants
+
+    made = []
+    real_bar = pl.bar
+
+    def recording_bar(*args, **kwargs):
+        made.append(real_bar(*args, **kwargs))
+        return made[-1]
+
+    def no_bar(*_args, **_kwargs):
+        raise AssertionError("generate made a bar of its own inside evaluate")
+
+    monkeypatch.setattr(pl, "bar", recording_bar)
+    monkeypatch.setattr(ev_mod, "bar", no_bar)
+    calib = small_calib()
+    wcfg = WandaConfig(num_samples=4, sparsity=0.5)
+    safety, utility = pl.calibration_samples(tiny_llama, calib, wcfg)
+    norms = pl.calibrate(tiny_llama, safety, utility, wcfg, ResultCache(tmp_path)).value
+    v = Variants(tiny_llama, scratch=tmp_path / "scratch")
+    v.install(pl.prune(tiny_llama, norms, utility, wcfg).value)
+    ev = [s for s in builtin_eval() if s.harmful][:3] + [
+        s for s in builtin_eval() if not s.harmful and s.response
+    ][:2]
+    pl.evaluate(v, ev, EvalConfig(max_new_tokens=2, batch_size=2))
+    v.close()
+    (overall,) = [b for b in made if b.unit == "batch"]
+    per_variant = 3 + 1  # ceil(5 / 2) generation batches, ceil(2 / 2) perplexity batches
+    assert overall.total == 2 * per_variant  # original and pruned
+    assert overall.n == overall.total
