@@ -20,13 +20,13 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .folders import damaged_weights, remove_stale, temp_sibling
 from .store import default_cache_dir
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -201,17 +201,18 @@ def _atomic_build(dest: Path, build: Callable[[Path], Any]) -> Path:
     """Run ``build(tmp)`` in a sibling temp folder and rename it into ``dest``.
 
     Safe when several processes build the same model at once: the first rename wins and the
-    others discard their copy.
+    others discard their copy. A finished folder with damaged weights is built again, and the
+    temporary folders of builds that were killed midway are deleted (``hsr_core.folders``).
     """
-    if (dest / ".complete").exists():
+    if (dest / ".complete").exists() and damaged_weights(dest) is None:
         return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
+    remove_stale(dest)
+    tmp = temp_sibling(dest)
     try:
         build(tmp)
         (tmp / ".complete").write_text("ok\n")
-        if dest.exists() and not (dest / ".complete").exists():
-            shutil.rmtree(dest, ignore_errors=True)  # an unfinished folder from an old crash
+        if dest.exists() and (not (dest / ".complete").exists() or damaged_weights(dest)):
+            shutil.rmtree(dest, ignore_errors=True)  # unfinished (an old crash) or damaged
         try:
             os.rename(tmp, dest)
         except OSError:

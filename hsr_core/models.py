@@ -22,6 +22,7 @@ from torch import nn
 
 from .builtin import BuiltinModelError, materialize
 from .config import ModelSpec
+from .folders import damaged_weights
 from .hub import hub_reachable
 
 ATTN_PROJS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -339,7 +340,12 @@ def download(repo_id: str, revision: str | None, *, trust_remote_code: bool) -> 
 
 
 def resolve_path(spec: ModelSpec, cache_dir: Path | None, log: Callable[[str], None]) -> Path:
-    """The local folder for ``spec``: built-in, existing folder, or hub download."""
+    """The local folder for ``spec``: built-in, existing folder, or hub download.
+
+    Raises:
+        ModelLoadError: also when a weight file of the folder is damaged (truncated: the
+            built-in models are rebuilt instead, by ``materialize``).
+    """
     name = spec.name.strip()
     if name.startswith("builtin:"):
         try:
@@ -352,11 +358,23 @@ def resolve_path(spec: ModelSpec, cache_dir: Path | None, log: Callable[[str], N
             raise ModelLoadError(
                 f"Folder {folder} has no config.json: point at a save_pretrained folder."
             )
+        damage = damaged_weights(folder)
+        if damage is not None:
+            raise ModelLoadError(
+                f"The weights in {folder} are damaged ({damage}): save them again."
+            )
         return folder
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise ModelLoadError(f"No folder {name!r} (and it is not a hub id like 'org/name').")
     log(f"Downloading {name} from the Hugging Face hub (first time only)...")
-    return download(name, spec.revision, trust_remote_code=spec.trust_remote_code)
+    path = download(name, spec.revision, trust_remote_code=spec.trust_remote_code)
+    damage = damaged_weights(path)
+    if damage is not None:
+        raise ModelLoadError(
+            f"The hub cache's copy of {name} in {path} is damaged ({damage}): delete that "
+            "snapshot (huggingface-cli delete-cache) and load it again to download it anew."
+        )
+    return path
 
 
 def _auto_class(config: Any):

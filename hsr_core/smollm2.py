@@ -35,7 +35,9 @@ and saves it (safetensors, tokenizer with its ChatML chat template, generation
 config) into a folder. The write is atomic: everything goes into a temporary sibling
 folder that is renamed into place only when complete, and a marker file inside it
 records the source, so a half-written folder is never mistaken for a finished one and
-later calls return at once.
+later calls return at once. A finished folder whose weights were damaged since (a truncated
+``model.safetensors``: ``hsr_core.folders.damaged_weights``) is converted again, with a message,
+and the temporary folder of a conversion that was killed midway is deleted by the next one.
 """
 
 from __future__ import annotations
@@ -45,10 +47,10 @@ import importlib.util
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from .folders import damaged_weights, remove_stale, temp_sibling
 from .hub import hub_reachable
 
 GGUF_FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -222,6 +224,8 @@ def _is_finished(folder: Path) -> bool:
     marker = _read_marker(folder)
     if marker is None or marker.get("source") != GGUF_FILENAME:
         return False
+    if damaged_weights(folder) is not None:  # a truncated or overwritten model.safetensors
+        return False
     try:
         gguf_path = _packaged_gguf()
     except FileNotFoundError:
@@ -324,6 +328,11 @@ def convert_smollm2(dest: Path, log: Callable[[str], None] | None = None) -> Pat
 
     if _is_finished(dest):
         return dest
+    for folder in remove_stale(dest):  # left by a conversion that was killed midway
+        say(f"Removed {folder.name}, left by an interrupted conversion.")
+    damage = damaged_weights(dest) if _read_marker(dest) is not None else None
+    if damage is not None:
+        say(f"The converted SmolLM2 in {dest} is damaged ({damage}): converting it again.")
 
     gguf_path = find_smollm2_gguf(log=say)
     if dest.exists() and not dest.is_dir():
@@ -335,7 +344,7 @@ def convert_smollm2(dest: Path, log: Callable[[str], None] | None = None) -> Pat
 
     say("Converting SmolLM2-135M-Instruct from GGUF (one time, ~30 s)...")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    tmp = temp_sibling(dest)
     try:
         _convert_into(tmp, gguf_path, say)
         marker = {
@@ -371,7 +380,7 @@ def _move_into_place(tmp: Path, dest: Path) -> None:
     if dest.exists():
         # A stale conversion (other source or format): move it aside first, since a
         # folder cannot be renamed over a non-empty one.
-        trash = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
+        trash = temp_sibling(dest, "old")
         os.replace(dest, trash / dest.name)
     try:
         os.replace(tmp, dest)

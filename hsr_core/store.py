@@ -2,10 +2,10 @@
 
 Each entry is a safetensors file plus a JSON sidecar, under
 ``<cache>/results/<kind>/<key>.{safetensors,json}``. The key is the SHA-256 of a canonical JSON
-of everything the result depends on: the model (id, revision, dtype and a fingerprint of its
-weight files), a fingerprint of the data, and the step's config. The sidecar repeats that JSON
-and the file's SHA-256, so a truncated, corrupt or mismatched entry is detected, deleted and
-recomputed instead of trusted. No pickle anywhere.
+of everything the result depends on: the model (id, revision, dtype and a fingerprint of the
+content of its weight files, ``folder_fingerprint``), a fingerprint of the data, and the step's
+config. The sidecar repeats that JSON and the file's SHA-256, so a truncated, corrupt or
+mismatched entry is detected, deleted and recomputed instead of trusted. No pickle anywhere.
 """
 
 from __future__ import annotations
@@ -13,7 +13,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import time
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
@@ -40,14 +42,69 @@ def _sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def folder_fingerprint(path: Path) -> str:
-    """A cheap fingerprint of a model folder: names, sizes and mtimes of its weight files."""
+_DIGESTS: dict[str, str] = {}
+"""Content digests of files this process has read, by ``_stat_key``."""
+
+_HUB_BLOB = re.compile(r"^[0-9a-f]{40}$|^[0-9a-f]{64}$")
+"""A hub cache blob's name: the file's git (sha1) or LFS (sha256) hash."""
+
+
+def _stat_key(path: Path) -> str:
+    st = path.stat()
+    return f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
+
+
+def _file_digest(path: Path, memo: Path | None) -> str:
+    """The SHA-256 of a file's bytes, read once per file version.
+
+    A file of the Hugging Face hub cache is a link to a blob named by its content's hash: that
+    name is the digest (nothing is read). Other digests are remembered by path, size,
+    modification time and inode, in this process and in ``memo`` (a JSON file), so a file is
+    hashed again only after it was written again.
+    """
+    target = path.resolve()
+    if path.is_symlink() and target.parent.name == "blobs" and _HUB_BLOB.match(target.name):
+        return target.name
+    key = _stat_key(path)
+    if key in _DIGESTS:
+        return _DIGESTS[key]
+    known: dict[str, str] = {}
+    if memo is not None:
+        try:
+            known = json.loads(memo.read_text())
+        except (OSError, ValueError):
+            known = {}
+    digest = known.get(key) or _sha256_file(path)
+    _DIGESTS[key] = digest
+    if memo is not None and key not in known:
+        with suppress(OSError):  # a read-only cache only costs a hash next time
+            memo.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(f"{memo}.tmp{os.getpid()}")
+            tmp.write_text(json.dumps({**known, key: digest}, indent=0))
+            os.replace(tmp, memo)
+    return digest
+
+
+def folder_fingerprint(path: Path, memo: Path | None = None) -> str:
+    """A fingerprint of a model folder's content: the bytes of its weight, config and tokenizer
+    files (``*.safetensors``, ``*.bin``, ``*.json``), by name.
+
+    Rewriting a file with the same bytes (a reconversion) keeps the fingerprint, and so the
+    cached results of the model; any change of content changes it. Hashing reads each file
+    once per version (``_file_digest``; hub cache files are not read at all).
+
+    Args:
+        path: the model folder.
+        memo: where digests are remembered between processes (default
+            ``<cache>/fingerprints.json``).
+    """
+    memo = memo if memo is not None else default_cache_dir() / "fingerprints.json"
     files = sorted(
         p
         for p in Path(path).iterdir()
         if p.suffix in (".safetensors", ".bin", ".json") and p.is_file()
     )
-    rows = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    rows = [(p.name, _file_digest(p, memo)) for p in files]
     return hashlib.sha256(_canonical(rows).encode()).hexdigest()[:16]
 
 
