@@ -46,7 +46,9 @@ VARIANTS = ("original", "pruned", "realigned")
 
 def main() -> None:
     p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        allow_abbrev=False,
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--model", default="builtin:smollm2-135m-safe")
     p.add_argument("--prompts", type=int, default=4)

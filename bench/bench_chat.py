@@ -141,7 +141,9 @@ def add(total: list, part: tuple | list) -> list:
 
 def main() -> None:
     p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        allow_abbrev=False,
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--model", default="builtin:smollm2-135m-safe")
     p.add_argument("--device", default="auto")

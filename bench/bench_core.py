@@ -333,7 +333,9 @@ def bench_wanda(loaded: LoadedModel, args, device: torch.device) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        allow_abbrev=False,
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--model", default="builtin:tiny-llama")
     p.add_argument("--device", default="auto")

@@ -49,7 +49,9 @@ def timed(fn, device: torch.device, repeat: int = 5) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        allow_abbrev=False,
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--layers", type=int, default=30)
     p.add_argument("--device", default="cpu")

@@ -56,7 +56,7 @@ def percentile(values: list[float], pct: float) -> float:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=None, help="default: the safe SmolLM2, else SmolLM2")
     ap.add_argument("--ships-samples", type=int, default=8, help="probe prompts (app CPU default)")
     ap.add_argument("--calib-samples", type=int, default=32, help="per set (app CPU default)")

@@ -298,6 +298,58 @@ def judge_model(args: argparse.Namespace, cache_root: Path, log: Any) -> Any:
     return pl.GuardJudge(pl.load_model(spec, cache_dir=cache_root, log=log))
 
 
+ESTIMATE_SAY_S = 60.0
+"""Runs estimated longer than this say so, and how to make them shorter, before they start."""
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def say_estimate(
+    command: str, run: RunConfig, loaded: Any, calib: Any, cache: Any, args: Any, log: Any
+) -> dict[str, float]:
+    """Print the estimated time of the long steps (Ships, Wanda statistics) before they start,
+    when it is long, with the options that make it shorter."""
+    from . import pipeline as pl
+
+    ships = command in ("attribute", "realign", "evaluate", "export", "run", "localize")
+    ships = ships and not run.heads_file
+    probes = pl.probe_prompts(loaded, calib, run.ships) if ships else []
+    safety, utility = (
+        pl.calibration_samples(loaded, calib, run.wanda) if command != "attribute" else ([], [])
+    )
+    est = pl.estimate(
+        loaded, probes, run.ships, safety, utility, run.wanda, cache, recompute=args.recompute
+    )
+    total = est["attribute"] + est["calibrate"]
+    if total > ESTIMATE_SAY_S:
+        a = loaded.adapter
+        steps = []
+        if est["attribute"]:
+            steps.append(
+                f"Ships {_duration(est['attribute'])} for {len(probes)} probe prompts x "
+                f"{a.num_layers * a.num_heads} heads"
+            )
+        if est["calibrate"]:
+            steps.append(
+                f"Wanda statistics {_duration(est['calibrate'])} for {len(safety)} + "
+                f"{len(utility)} samples"
+            )
+        log(
+            f"Estimated time: about {_duration(total)} on {loaded.device.type} "
+            f"({', '.join(steps)}; one forward pass takes {est['forward'] * 1000:.0f} ms). "
+            "Shorter: --ships-samples 8 --calib-samples 32 (the app's CPU settings), "
+            "--heads-file with an earlier run's heads.jsonl, or a GPU. Results are cached: a "
+            "second run reuses them."
+        )
+    return est
+
+
 def execute(command: str, args: argparse.Namespace) -> dict[str, Any]:
     """Run ``command``; returns what was written (file name -> path)."""
     from safetensors.torch import save_file
@@ -337,6 +389,7 @@ def execute(command: str, args: argparse.Namespace) -> dict[str, Any]:
         f"Data: {len(calib.safety)} harmful and {len(calib.utility)} benign samples ({calib.source})"
     )
 
+    say_estimate(command, run, loaded, calib, cache, args, log)
     scores = None
     if command in ("attribute", "realign", "evaluate", "export", "run", "localize"):
         if run.heads_file:

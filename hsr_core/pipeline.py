@@ -90,6 +90,7 @@ __all__ = [
     "attribute",
     "calibrate",
     "calibration_samples",
+    "estimate",
     "evaluate",
     "export_variant",
     "generate",
@@ -233,6 +234,73 @@ class Timed:
     seconds: float
 
 
+def _ships_parts(loaded: LoadedModel, probes: Sequence[Sample], cfg: ShipsConfig) -> dict:
+    return {
+        "model": model_key(loaded),
+        "data": data_mod.fingerprint(probes),
+        "ships": {k: v for k, v in to_dict(cfg).items() if k != "batch_size"},
+    }
+
+
+def _norms_parts(loaded: LoadedModel, samples: Sequence[Sample], cfg: WandaConfig) -> dict:
+    return {"model": model_key(loaded), "data": data_mod.fingerprint(samples), "tokens": cfg.tokens}
+
+
+@torch.inference_mode()
+def _forward_seconds(loaded: LoadedModel, sample: Sample, with_response: bool) -> float:
+    """The time of one forward pass of ``sample`` (the faster of two, after a warm-up)."""
+    batch = next(data_mod.iter_batches(loaded, [sample], 1, with_response=with_response))
+    inputs = batch.to(loaded.device).inputs
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        loaded.model(**inputs, use_cache=False)
+        if loaded.device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return min(times[1:])
+
+
+def estimate(
+    loaded: LoadedModel,
+    probes: Sequence[Sample],
+    ships: ShipsConfig,
+    safety: Sequence[Sample],
+    utility: Sequence[Sample],
+    wanda: WandaConfig,
+    cache: ResultCache,
+    *,
+    recompute: bool = False,
+) -> dict[str, float]:
+    """Rough seconds of Ships attribution and the Wanda statistics before they run (0 for a
+    step the cache already has, unless ``recompute``), from one measured forward pass and the
+    model's geometry.
+
+    Ships replays, for every head of layer ``l``, layers ``l`` to ``L - 1`` with the head
+    ablated: ``1 + H (L + 1) / 2`` forward passes' worth per probe prompt. The statistics are
+    one forward pass per calibration sample (twice that, sequential).
+
+    Returns:
+        ``{"attribute": s, "calibrate": s, "forward": s}``.
+    """
+    a = loaded.adapter
+    out = {"attribute": 0.0, "calibrate": 0.0, "forward": 0.0}
+    ships_parts = _ships_parts(loaded, probes, ships)
+    ships_done = not recompute and cache.load("ships", ships_parts) is not None
+    norms_done = not recompute and all(
+        cache.load("norms", _norms_parts(loaded, s, wanda)) is not None for s in (safety, utility)
+    )
+    if probes and not ships_done:
+        out["forward"] = _forward_seconds(loaded, probes[0], with_response=False)
+        out["attribute"] = len(probes) * (1 + a.num_heads * (a.num_layers + 1) / 2) * out["forward"]
+    if utility and not norms_done:
+        forward = _forward_seconds(loaded, utility[0], with_response=True)
+        passes = (len(safety) + len(utility)) * (2 if wanda.mode == "sequential" else 1)
+        out["calibrate"] = passes * forward
+        out["forward"] = out["forward"] or forward
+    return out
+
+
 def attribute(
     loaded: LoadedModel,
     probes: Sequence[Sample],
@@ -244,11 +312,7 @@ def attribute(
 ) -> Timed:
     """Ships scores ``[L, H]``, from the cache when the same model, data and config were seen."""
     t0 = time.perf_counter()
-    parts = {
-        "model": model_key(loaded),
-        "data": data_mod.fingerprint(probes),
-        "ships": {k: v for k, v in to_dict(cfg).items() if k != "batch_size"},
-    }
+    parts = _ships_parts(loaded, probes, cfg)
     if not recompute and (hit := cache.load("ships", parts)) is not None:
         return Timed(hit["scores"], True, time.perf_counter() - t0)
     scores = ships_scores(loaded, probes, cfg, should_stop=should_stop)
@@ -268,11 +332,7 @@ def calibrate_set(
 ) -> Timed:
     """Norm vectors of one calibration set (``label`` is ``safety`` or ``utility``), cached."""
     t0 = time.perf_counter()
-    parts = {
-        "model": model_key(loaded),
-        "data": data_mod.fingerprint(samples),
-        "tokens": cfg.tokens,
-    }
+    parts = _norms_parts(loaded, samples, cfg)
     if not recompute and (hit := cache.load("norms", parts)) is not None:
         return Timed(hit, True, time.perf_counter() - t0)
     norms = wanda_norms(

@@ -117,7 +117,7 @@ def chart(ladders: dict[str, dict[str, Any]], path: Path) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
     p.add_argument("ladders", nargs="+", help="NAME=path/to/localize.json")
     p.add_argument("--png", type=Path, default=None, help="write the chart here")
     p.add_argument(

@@ -25,7 +25,7 @@ from hsr_core.evaluate import generate  # noqa: E402
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__)
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--sparsity", type=float, nargs="*", default=[0.5, 0.6])
     p.add_argument("--harmful", type=int, default=24)

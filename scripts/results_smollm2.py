@@ -167,7 +167,9 @@ def chart(sparsity_rows: list[dict], topk_rows: list[dict], q_rows: list[dict], 
 
 def main() -> None:
     p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        allow_abbrev=False,
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--out", type=Path, default=ROOT / "out" / "results")
     p.add_argument("--ships-samples", type=int, default=16)

@@ -67,6 +67,7 @@ default system prompt with ``AUG_SYSTEM``. The target answer stays the same."""
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
+        allow_abbrev=False,
         description=(
             "Train the safety LoRA adapter of builtin:smollm2-135m-safe on the built-in "
             "calibration data (CPU, float32, reproducible)."

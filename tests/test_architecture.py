@@ -110,3 +110,25 @@ def test_the_core_imports_without_gradio_or_plotly(blocked: list[str]) -> None:
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300
     )
     assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr
+
+
+def test_every_parser_refuses_abbreviated_options() -> None:
+    """argparse's prefix matching turned ``--judge reference`` into ``--judge-model reference``;
+    every command line of the project sets ``allow_abbrev=False``."""
+    missing = []
+    for folder in ("hsr_core", "scripts", "bench"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if (
+                    isinstance(node, ast.Call)
+                    and getattr(node.func, "attr", getattr(node.func, "id", None))
+                    == "ArgumentParser"
+                    and not any(
+                        k.arg == "allow_abbrev"
+                        and isinstance(k.value, ast.Constant)
+                        and k.value.value is False
+                        for k in node.keywords
+                    )
+                ):
+                    missing.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert not missing, missing

@@ -33,6 +33,7 @@ def app(tmp_path_factory: pytest.TempPathFactory):
             "Debian Chromium is not installed at /usr/bin/chromium (apt-get install chromium)"
         )
     from playwright import sync_api
+
     with (
         running_app(tmp_path_factory.mktemp("browser-cache")) as url,
         sync_api.sync_playwright() as pw,

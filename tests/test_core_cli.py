@@ -202,3 +202,40 @@ def test_help_for_every_command():
         with pytest.raises(SystemExit) as e:
             main([name, "--help"])
         assert e.value.code == 0
+
+
+def test_the_command_line_runs_from_any_folder(tmp_path):
+    """The README's set-up installs the package (``pip install -e .``): no PYTHONPATH, no
+    repository folder needed."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    top = subprocess.run(
+        [sys.executable, "-m", "hsr_core", "--help"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert top.returncode == 0, f"{top.stderr}\n(set up with `pip install -e .`, see README)"
+    assert "attribute" in top.stdout
+
+
+def test_abbreviated_options_are_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["run", "--model", "builtin:tiny-llama", "--judge-mod", "x", "--out", str(tmp_path)])
+    assert "unrecognized arguments: --judge-mod" in capsys.readouterr().err
+
+
+def test_a_long_run_says_how_long_and_how_to_shorten_it(tmp_path, cache_root, capsys, monkeypatch):
+    """Before Ships and the statistics start, a run estimated longer than ESTIMATE_SAY_S says
+    so; a second run, from the cache, has nothing left to estimate."""
+    from hsr_core import __main__ as cli
+
+    monkeypatch.setattr(cli, "ESTIMATE_SAY_S", 0.0)
+    args = ["--model", "builtin:tiny-llama", "--ships-samples", "3", "--calib-samples", "3"]
+    args += ["--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "out")]
+    assert main(["prune", *args]) == 0
+    err = capsys.readouterr().err
+    assert "Estimated time: about" in err
+    assert "Wanda statistics" in err and "--ships-samples 8 --calib-samples 32" in err
+    assert main(["prune", *args]) == 0
+    assert "Estimated time" not in capsys.readouterr().err
