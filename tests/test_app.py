@@ -281,6 +281,32 @@ def test_loading_describes_the_model(url: str) -> None:
     assert top_h["value"] == 8  # min(10, 2 layers x 4 heads)
 
 
+def test_the_built_in_smollm2_starts_at_its_measured_sparsity() -> None:
+    """docs/RESULTS.md measured 40% for the built-in SmolLM2 models (safety gone, the model
+    still talks); other models start at the paper's 50%. The load message says why."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from ui.tabs import model
+
+    def fake(name: str) -> SimpleNamespace:
+        adapter = SimpleNamespace(num_layers=30, num_heads=9)
+        return SimpleNamespace(
+            spec=SimpleNamespace(name=name), device=torch.device("cpu"), adapter=adapter
+        )
+
+    for name in (
+        "builtin:smollm2-135m-safe",
+        "builtin:smollm2-135m",
+        "builtin:smollm2-135m-safe-attn",
+    ):
+        assert model._step_defaults(fake(name))["sparsity"] == 0.4
+    assert model._step_defaults(fake("org/other-model"))["sparsity"] == 0.5
+    assert model.DEFAULT_MODEL in model.MEASURED_SPARSITY
+    assert "40% sparsity" in model.SPARSITY_WHY.format(pct=40)
+
+
 def test_realign_explains_values_out_of_range(session: Client) -> None:
     """Values the sliders cannot hold are explained in words (not gradio's range check), the
     boxes are set back to the values of the restore set in use, and it stays as it was."""

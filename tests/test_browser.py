@@ -166,6 +166,18 @@ def test_realign_boxes_apply_on_enter_and_explain_what_they_refuse(page) -> None
     expect(message).to_contain_text("p=0.3 · q=0.5")
     expect(totals).to_contain_text(f"{before:,} weights restored")
 
+    # at 1280x800, with the sliders at the top of the window, what they change is in view
+    page.set_viewport_size({"width": 1280, "height": 800})
+    page.locator("#hsr-realign-controls").evaluate("e => e.scrollIntoView()")
+    for block in (
+        page.get_by_label("range slider for top_h", exact=True),
+        totals,
+        page.locator("#hsr-realign-heatmap .js-plotly-plot"),
+    ):
+        box = block.bounding_box()
+        assert box and box["y"] >= -1 and box["y"] + box["height"] <= 801, box  # sub-pixel
+    page.set_viewport_size({"width": 1440, "height": 1000})
+
 
 def test_chat_through_the_browser(page) -> None:
     """After the pipeline above: a message gets three answers, each with its verdict; an example

@@ -58,14 +58,33 @@ def _describe(info: dict[str, Any]) -> str:
     return head + "\n".join(f"| {k} | {v} |" for k, v in rows)
 
 
+MEASURED_SPARSITY = {
+    "builtin:smollm2-135m": 0.4,
+    "builtin:smollm2-135m-safe": 0.4,
+    "builtin:smollm2-135m-safe-attn": 0.4,
+}
+"""Sparsity chosen from measurement for the built-in models (docs/RESULTS.md): at 40% Wanda
+removes most of the safety adapter's refusals while the model still talks; at 50% a fifth of
+its answers are degenerate, the keyword judge calls babble "answered" and realignment shows no
+effect. Other models start at the paper's 50%."""
+
+SPARSITY_WHY = (
+    "**{pct}% sparsity** suggested for this model: measured in docs/RESULTS.md, pruning there "
+    "removes most of its safety while it still talks (at 50% a fifth of its answers are "
+    "degenerate)."
+)
+
+
 def _step_defaults(loaded: pipeline.LoadedModel) -> dict[str, Any]:
-    """Sample counts that finish in minutes on this device (the paper uses 128 each)."""
+    """Suggested settings: sample counts that finish in minutes on this device (the paper uses
+    128 each) and the sparsity measured for the model (``MEASURED_SPARSITY``, else 50%)."""
     on_gpu = loaded.device.type == "cuda"
     total = loaded.adapter.num_layers * loaded.adapter.num_heads
     return {
         "ships_samples": 128 if on_gpu else 8,
         "calib_samples": 128 if on_gpu else 32,
         "top_h": min(10, total),
+        "sparsity": MEASURED_SPARSITY.get(loaded.spec.name, 0.5),
     }
 
 
@@ -118,7 +137,11 @@ def load_model(
     }
     if not same:  # a new model for this session: empty the later steps, suggest settings
         out.update(_cleared())
-        out.update({k: gr.update(value=v) for k, v in _step_defaults(loaded).items()})
+        defaults = _step_defaults(loaded)
+        out.update({k: gr.update(value=v) for k, v in defaults.items()})
+        if loaded.spec.name in MEASURED_SPARSITY:
+            pct = round(100 * defaults["sparsity"])
+            out["load_status"] += "\n\n" + SPARSITY_WHY.format(pct=pct)
     return out
 
 
@@ -270,6 +293,7 @@ def wire(c: dict[str, Any]) -> None:
             "ships_samples",
             "calib_samples",
             "top_h",
+            "sparsity",
             *later,
         ],
         api_name="load_model",

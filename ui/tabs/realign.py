@@ -333,19 +333,29 @@ OUTPUTS = [
 
 
 def build(c: dict[str, Any]) -> None:
-    with gr.Tab("4 · Realign", id="realign"), gr.Row(equal_height=False):
+    with gr.Tab("4 · Realign", id="realign"):
+        gr.Markdown(
+            "Restore candidates R: weights in the top **q** by safety whose utility rank "
+            "lies between the top **p** and the top **max_p**. Inside the **top_h** heads, "
+            "the pruned ones get their dense value back."
+        )
+        _controls_and_figures(c)
+
+
+def _controls_and_figures(c: dict[str, Any]) -> None:
+    """The sliders with what they change right under them (the message and the totals, in view
+    with them at 1280x800), the other settings below; the figures beside."""
+    with gr.Row(equal_height=False):
         with gr.Column(scale=1, min_width=300, elem_id="hsr-realign-controls"):
-            gr.Markdown(
-                "Restore candidates R: weights in the top **q** by safety whose utility rank "
-                "lies between the top **p** and the top **max_p**. Inside the **top_h** heads, "
-                "the pruned ones get their dense value back."
-            )
             c["p"] = gr.Slider(0, 1, value=0.5, step=0.01, label="p", info="utility: never above")
             c["q"] = gr.Slider(0, 1, value=0.5, step=0.01, label="q", info="safety: top fraction")
             c["max_p"] = gr.Slider(
                 0, 1, value=0.7, step=0.01, label="max_p", info="utility: at most"
             )
             c["top_h"] = gr.Slider(1, 64, value=10, step=1, label="top_h", info="heads realigned")
+            # what a slider move changes, right under the sliders (in view at 1280x800)
+            c["realign_msg"] = gr.Markdown(label="realign message", elem_id="hsr-realign-msg")
+            c["realign_totals"] = gr.Markdown(elem_id="hsr-realign-totals", label="restored totals")
             c["scope"] = gr.Radio(
                 list(SCOPE_CHOICES),
                 value="heads (the paper)",
@@ -359,8 +369,6 @@ def build(c: dict[str, Any]) -> None:
                 label="slicing",
                 info="head: each head's own weights; reference: the released code's slices",
             )
-            c["realign_msg"] = gr.Markdown(label="realign message", elem_id="hsr-realign-msg")
-            c["realign_totals"] = gr.Markdown(elem_id="hsr-realign-totals", label="restored totals")
             c["realign_head"] = gr.Dropdown(
                 [],
                 value=None,
