@@ -24,6 +24,7 @@ from ui.workbench import WORKBENCH
 DEFAULT_MODEL = public.DEFAULT_MODEL
 MODEL_PRESETS = [
     DEFAULT_MODEL,
+    "builtin:smollm2-135m-safe-attn",
     "builtin:smollm2-135m",
     "builtin:tiny-llama",
     "builtin:tiny-llava-next",
