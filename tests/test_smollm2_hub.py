@@ -23,6 +23,7 @@ from pathlib import Path
 
 import huggingface_hub
 import pytest
+import torch
 
 from hsr_core import smollm2
 from hsr_core.models import ModelLoadError, load_model
@@ -39,6 +40,16 @@ from hsr_core.smollm2 import (
 )
 
 REPO_FOLDER = "models--" + HUB_REPO_ID.replace("/", "--")
+
+
+def fake_checkpoint(folder: Path) -> None:
+    """The files a finished conversion holds, small but valid (a real safetensors header: a
+    damaged ``model.safetensors`` makes a finished folder count as unfinished)."""
+    from safetensors.torch import save_file
+
+    for name in ("config.json", "tokenizer_config.json"):
+        (folder / name).write_text("{}")
+    save_file({"w": torch.zeros(2)}, str(folder / "model.safetensors"))
 
 
 def both_ways(message: str) -> None:
@@ -261,8 +272,7 @@ def test_conversion_reads_the_hub_copy(
 
     def fake_convert(folder: Path, gguf_path: Path, log) -> None:
         sources.append(gguf_path)
-        for name in ("config.json", "model.safetensors", "tokenizer_config.json"):
-            (folder / name).write_text("{}")
+        fake_checkpoint(folder)
 
     monkeypatch.setattr(smollm2, "_convert_into", fake_convert)
     dest = tmp_path / "model"
@@ -283,8 +293,7 @@ def test_finished_conversion_needs_no_gguf_file(
     offline_hub(tmp_path / "hub")
     dest = tmp_path / "model"
     dest.mkdir()
-    for name in ("config.json", "model.safetensors", "tokenizer_config.json"):
-        (dest / name).write_text("{}")
+    fake_checkpoint(dest)
     marker = {"format": 1, "source": GGUF_FILENAME, "source_size": 98_362_432}
     (dest / MARKER_NAME).write_text(json.dumps(marker))
 
