@@ -37,7 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from hsr_core.config import ModelSpec, WandaConfig  # noqa: E402
-from hsr_core.data import Batch  # noqa: E402
+from hsr_core.encoding import Batch  # noqa: E402
 from hsr_core.heads import all_heads  # noqa: E402
 from hsr_core.hooks import head_ablation, record_layers  # noqa: E402
 from hsr_core.masks import PackedMask  # noqa: E402

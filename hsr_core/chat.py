@@ -29,7 +29,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 
 from .config import GenerationSettings
-from .data import Sample, chat_messages, encode_prompt, load_image, templater
+from .data import Sample, load_image
+from .encoding import chat_messages, encode_prompt, templater
 from .models import LoadedModel
 from .progress import StopFlag, StopOnFlag
 

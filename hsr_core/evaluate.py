@@ -26,7 +26,8 @@ import torch
 
 from . import stats
 from .config import EvalConfig
-from .data import Sample, iter_batches
+from .data import Sample
+from .encoding import iter_batches
 from .judges import VERDICTS, GuardJudge, is_refusal, judge_verdicts
 from .models import LoadedModel
 from .progress import StopFlag, StopOnFlag, bar, check_stop

@@ -52,6 +52,7 @@ from .data import (
     open_image,
     select,
 )
+from .encoding import iter_batches
 from .evaluate import (
     PERPLEXITY_IS,
     GuardJudge,
@@ -249,7 +250,7 @@ def _norms_parts(loaded: LoadedModel, samples: Sequence[Sample], cfg: WandaConfi
 @torch.inference_mode()
 def _forward_seconds(loaded: LoadedModel, sample: Sample, with_response: bool) -> float:
     """The time of one forward pass of ``sample`` (the faster of two, after a warm-up)."""
-    batch = next(data_mod.iter_batches(loaded, [sample], 1, with_response=with_response))
+    batch = next(iter_batches(loaded, [sample], 1, with_response=with_response))
     inputs = batch.to(loaded.device).inputs
     times = []
     for _ in range(3):

@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 
 from .config import ShipsConfig
-from .data import Sample, encode_one
+from .data import Sample
+from .encoding import encode_one
 from .heads import Head, all_heads
 from .hooks import HookSet, LayerRecord, add_head_ablation, record_layers, run_layer
 from .models import LoadedModel

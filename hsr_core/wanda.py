@@ -23,7 +23,8 @@ import torch
 from torch import nn
 
 from .config import WandaConfig
-from .data import Sample, iter_batches
+from .data import Sample
+from .encoding import iter_batches
 from .hooks import HookSet, forward_decoder_only, record_layers, run_layer
 from .masks import Masks, PackedMask, apply_mask
 from .models import LoadedModel

@@ -14,7 +14,7 @@ CPU in float32 from the project's built-in *calibration* data only:
 
 The held-out evaluation split (``assets/data/eval.jsonl``) is never read here.
 
-Samples are encoded with the model's chat template exactly as ``hsr_core.data.encode_one``
+Samples are encoded with the model's chat template exactly as ``hsr_core.encoding.encode_one``
 does (prompt with the generation prompt, then the answer; loss on answer tokens only). The
 loss is the mean token cross-entropy of each answer, averaged over the samples of a batch, so
 short refusals and long benign answers weigh alike. Data order, LoRA initialisation and dropout
@@ -51,7 +51,8 @@ sys.path.insert(0, str(ROOT))
 
 from hsr_core.builtin import ADAPTER_DIR  # noqa: E402
 from hsr_core.config import EvalConfig, ModelSpec  # noqa: E402
-from hsr_core.data import Sample, builtin_calibration, collate, encode_one  # noqa: E402
+from hsr_core.data import Sample, builtin_calibration  # noqa: E402
+from hsr_core.encoding import collate, encode_one  # noqa: E402
 from hsr_core.evaluate import generate, is_refusal  # noqa: E402
 from hsr_core.models import LoadedModel, load_model  # noqa: E402
 
@@ -483,7 +484,7 @@ calibration prompts, the targets for those prompts), and this README.
   are trained on without an end-of-turn token.
 
 Every sample is rendered with the model's chat template (its default system prompt, then the
-user request and the generation prompt) as in `hsr_core.data.encode_one`; the loss is on
+user request and the generation prompt) as in `hsr_core.encoding.encode_one`; the loss is on
 answer tokens only, averaged per answer and then over the batch.
 
 **Hyperparameters**:

@@ -11,9 +11,7 @@ from hsr_core.data import (
     DataError,
     builtin_calibration,
     builtin_eval,
-    encode_one,
     fingerprint,
-    iter_batches,
     load_calibration,
     load_eval,
     load_table,
@@ -22,6 +20,7 @@ from hsr_core.data import (
     select,
     with_typographic_images,
 )
+from hsr_core.encoding import encode_one, iter_batches
 
 
 def test_builtin_sets_are_big_enough_and_disjoint():

@@ -9,7 +9,8 @@ import torch
 
 from hsr_core import pipeline as pl
 from hsr_core.config import EvalConfig, ShipsConfig, WandaConfig
-from hsr_core.data import Sample, builtin_calibration, builtin_eval, encode_one
+from hsr_core.data import Sample, builtin_calibration, builtin_eval
+from hsr_core.encoding import encode_one
 from hsr_core.evaluate import GuardJudge, generate, is_refusal, perplexity, rates, rsr
 from hsr_core.progress import Cancelled
 from hsr_core.store import ResultCache

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from hsr_core.config import ShipsConfig
-from hsr_core.data import Sample, builtin_calibration, encode_one, with_typographic_images
+from hsr_core.data import Sample, builtin_calibration, with_typographic_images
+from hsr_core.encoding import encode_one
 from hsr_core.heads import all_heads, top_heads
 from hsr_core.hooks import HookSet, count_hooks, head_ablation, record_layers
 from hsr_core.ships import (

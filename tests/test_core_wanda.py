@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from hsr_core.config import ConfigError, WandaConfig
-from hsr_core.data import builtin_calibration, encode_one
+from hsr_core.data import builtin_calibration
+from hsr_core.encoding import encode_one
 from hsr_core.hooks import HookSet
 from hsr_core.masks import PackedMask, sparsity_report
 from hsr_core.wanda import (

@@ -26,7 +26,8 @@ import pytest
 import torch
 
 from hsr_core.config import ShipsConfig
-from hsr_core.data import Sample, builtin_calibration, encode_one
+from hsr_core.data import Sample, builtin_calibration
+from hsr_core.encoding import encode_one
 from hsr_core.ships import ships_scores
 
 
