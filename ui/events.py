@@ -109,15 +109,34 @@ def to_error(step: str, exc: BaseException) -> gr.Error:
 
 
 def user_errors(step: str) -> Callable[[Callable], Callable]:
-    """Turn the core's errors into ``gr.Error`` messages that say what to do."""
+    """Turn the core's errors into ``gr.Error`` messages that say what to do; works on plain
+    and on streaming (generator) handlers alike, so gradio still sees which kind it is."""
 
     def deco(fn: Callable) -> Callable:
+        def convert(e: Exception) -> BaseException:
+            error = to_error(step, e)
+            return e if error is e else error
+
+        if inspect.isgeneratorfunction(fn):
+
+            @functools.wraps(fn)
+            def stream(*args: Any, **kwargs: Any) -> Iterator[Any]:
+                try:
+                    yield from fn(*args, **kwargs)
+                except Exception as e:
+                    error = convert(e)
+                    if error is e:
+                        raise
+                    raise error from e
+
+            return stream
+
         @functools.wraps(fn)
         def run(*args: Any, **kwargs: Any) -> Any:
             try:
                 return fn(*args, **kwargs)
             except Exception as e:
-                error = to_error(step, e)
+                error = convert(e)
                 if error is e:
                     raise
                 raise error from e
@@ -158,25 +177,6 @@ def drop_state(demo: gr.Blocks, request: gr.Request) -> None:
     if holder is not None:
         with suppress(KeyError):  # gradio's own clean-up deleted it meanwhile
             holder.delete_state(request.session_hash)
-
-
-def stream_errors(step: str) -> Callable[[Callable], Callable]:
-    """``user_errors`` for generator handlers (errors raised while streaming)."""
-
-    def deco(fn: Callable) -> Callable:
-        @functools.wraps(fn)
-        def run(*args: Any, **kwargs: Any) -> Iterator[Any]:
-            try:
-                yield from fn(*args, **kwargs)
-            except Exception as e:
-                error = to_error(step, e)
-                if error is e:
-                    raise
-                raise error from e
-
-        return run
-
-    return deco
 
 
 def _duration(seconds: float) -> str:

@@ -289,7 +289,7 @@ def _image_path(image: Any) -> str | None:
     return str(image) if image else None
 
 
-@events.stream_errors("Chat")
+@events.user_errors("Chat")
 def send(
     message: str,
     image: Any,
@@ -310,7 +310,7 @@ def send(
     yield from _turn(message, _image_path(image), settings, list(turns or []), state, request)
 
 
-@events.stream_errors("Regenerate")
+@events.user_errors("Regenerate")
 def regenerate(
     system_prompt: str,
     max_new_tokens: float,
