@@ -95,7 +95,9 @@ def main() -> int:
     state = out["state"]
     print(f"Ships ({time.perf_counter() - t0:.1f} s): {out['ships_status']}")
     t0 = time.perf_counter()
-    out = prune.prune(0.5, "unstructured", "one-shot", args.calib_samples, False, state, None)
+    out = prune.prune(
+        0.5, "unstructured", "one-shot", args.calib_samples, False, "wanda", state, None
+    )
     state = out["state"]
     print(f"Prune and rank ({time.perf_counter() - t0:.1f} s): {out['prune_status']}")
 

@@ -5,7 +5,7 @@ computed before) and write their files into ``--out``:
 
     attribute  heads.jsonl                     Ships scores of every head
     calibrate  norms.safetensors               safety and utility norm vectors
-    prune      summary.json (+ pruned/)        Wanda masks, achieved sparsity
+    prune      summary.json (+ pruned/)        masks (--pruner), achieved sparsity
     realign    summary.json (+ both folders)   HSR restore set and its accounting
     evaluate   eval.json                       refusals, ASR, RSR, perplexity per variant
     localize   localize.json                   the localization ladder (our study): where the
@@ -27,6 +27,8 @@ from typing import Any
 
 from .config import (
     JUDGES,
+    PRUNER_LABELS,
+    PRUNERS,
     RUNGS,
     SCOPES,
     ConfigError,
@@ -46,7 +48,7 @@ from .config import (
 COMMANDS = {
     "attribute": "Ships attribution: score every attention head (writes heads.jsonl).",
     "calibrate": "Wanda statistics: safety and utility norm vectors (writes norms.safetensors).",
-    "prune": "Wanda pruning masks and achieved sparsity (writes summary.json; --export: pruned/).",
+    "prune": "Pruning masks (--pruner wanda|sparsegpt|snip|magnitude) and achieved sparsity (writes summary.json; --export: pruned/).",
     "realign": "HSR restore set inside the top heads (writes summary.json; --export: pruned/, realigned/).",
     "evaluate": "Answer the evaluation prompts with each variant (writes eval.json).",
     "export": "Write the pruned and realigned models as save_pretrained folders.",
@@ -122,12 +124,24 @@ def _add_common(p: argparse.ArgumentParser, command: str) -> None:
         "--heads", type=Path, default=None, help="use this heads.jsonl instead of running Ships"
     )
 
-    w = p.add_argument_group("Wanda")
+    w = p.add_argument_group("Pruning (the Wanda statistics are always taken: HSR ranks by them)")
+    w.add_argument(
+        "--pruner",
+        default="wanda",
+        choices=list(PRUNERS),
+        help="base pruner (default wanda); sparsegpt updates the weights it keeps",
+    )
     w.add_argument(
         "--sparsity", type=float, default=0.5, help="fraction pruned per row (default 0.5)"
     )
     w.add_argument("--structure", default="unstructured", help="unstructured or N:M, e.g. 2:4")
-    w.add_argument("--mode", default="one-shot", choices=["one-shot", "sequential"])
+    w.add_argument(
+        "--mode",
+        default=None,
+        choices=["one-shot", "sequential"],
+        help="default: the pruner's own (wanda one-shot, sparsegpt sequential; snip and "
+        "magnitude have only one-shot)",
+    )
     w.add_argument(
         "--tokens",
         default="response",
@@ -271,6 +285,7 @@ def run_config(args: argparse.Namespace, total_heads: int | None = None) -> RunC
         ),
         wanda=WandaConfig(
             sparsity=args.sparsity,
+            pruner=args.pruner,
             mode=args.mode,
             tokens=args.tokens,
             num_samples=args.calib_samples,
@@ -423,18 +438,21 @@ def execute(command: str, args: argparse.Namespace) -> dict[str, Any]:
         written["norms.safetensors"] = str(out / "norms.safetensors")
         return written
 
-    r = pl.prune(loaded, norms, utility, run.wanda)  # the weights are still dense here
+    scratch = Path(cache_root) / "variants"
+    r = pl.prune(loaded, norms, utility, run.wanda, scratch=scratch)  # weights still dense here
     timings["prune"] = r.seconds
-    masks = r.value
-    variants = pl.Variants(loaded, scratch=Path(cache_root) / "variants")
+    pruning = r.value
+    masks = pruning.masks
+    log(f"{PRUNER_LABELS[run.wanda.pruner]} masks in {r.seconds:.1f} s")
+    variants = pl.Variants(loaded, scratch=scratch)
     try:
-        variants.install(masks)
+        variants.install(masks, None, pruning.updated)
         restore = None
         if command != "prune":
             r = pl.realign(loaded, masks, scores, run.realign, pl.rank_cache(variants, norms))
             timings["realign"] = r.seconds
             restore = r.value
-            variants.install(masks, restore)
+            variants.install(masks, restore, pruning.updated)
             log(
                 f"HSR: restored {restore.count} weights ({restore.per_10k_pruned:.3f} per 10k pruned) "
                 f"in heads {', '.join(h.label for h in restore.heads)}"

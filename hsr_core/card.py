@@ -21,6 +21,7 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from .config import PRUNER_LABELS
 from .evaluate import PERPLEXITY_IS, noise_notes, rate_text
 
 SMOLLM2_BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -159,13 +160,16 @@ def model_card(
         else f"{wanda.get('n')}:{wanda.get('m')}"
     )
     base = base_model_of(name, path)
+    pruner = PRUNER_LABELS.get(wanda.get("pruner", "wanda"), str(wanda.get("pruner")))
     judge = (evaluation or {}).get("judge", {}).get("name", "keyword")
     data = ModelCardData(
         library_name="transformers",
         license=license_of(name, path),
         pipeline_tag="image-text-to-text" if summary_.get("vision") else "text-generation",
         base_model=base,
-        tags=TAGS + ([f"{judge}-judge"] if evaluation else []),
+        tags=TAGS
+        + ([str(wanda.get("pruner"))] if wanda.get("pruner", "wanda") != "wanda" else [])
+        + ([f"{judge}-judge"] if evaluation else []),
         model_name=f"{name.split('/')[-1].replace('builtin:', '')}-{variant}",
         eval_results=_eval_results(variant, evaluation, judge) if evaluation else None,
     )
@@ -174,8 +178,9 @@ def model_card(
         ("loaded as", f"`{name}`"),
         ("variant", variant),
         ("calibration data", f"`{cfg.get('data')}`"),
+        ("pruner", pruner),
         (
-            "Wanda sparsity",
+            f"{pruner} sparsity",
             f"{wanda.get('sparsity')} ({structure}, {wanda.get('mode')}, {wanda.get('tokens')} tokens)",
         ),
         ("achieved sparsity", f"{summary_.get('achieved_sparsity', float('nan')):.4f}"),
@@ -196,7 +201,8 @@ def model_card(
     body = [
         f"# {variant.capitalize()} model made with HSR Workbench",
         "",
-        "Wanda pruning"
+        f"{pruner} pruning"
+        + (" (the weights it kept carry its update)" if pruner == "SparseGPT" else "")
         + (
             " followed by Hierarchical Safety Realignment (HSR, ACL 2025 Findings): a small "
             "set of pruned weights inside the safety-critical attention heads (found with Ships) was restored "

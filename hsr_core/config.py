@@ -19,6 +19,18 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 SCOPES = ("heads", "heads+mlp")
 """HSR restore scopes: ``heads`` is the paper's; ``heads+mlp`` is this project's extension."""
 DEVICES = ("auto", "cpu", "cuda", "mps")
+PRUNERS = ("wanda", "sparsegpt", "snip", "magnitude")
+"""Base pruners (docs/METHOD.md): Wanda (the default), SparseGPT, SNIP, magnitude."""
+PRUNER_LABELS = {
+    "wanda": "Wanda",
+    "sparsegpt": "SparseGPT",
+    "snip": "SNIP",
+    "magnitude": "magnitude",
+}
+"""How a pruner's name is written in titles (chat columns, the model card, tables)."""
+PRUNER_MODES = {"wanda": ("one-shot", "sequential"), "sparsegpt": ("sequential",)}
+"""The modes each pruner has; a pruner not listed has only ``one-shot`` (SNIP's gradients and
+magnitude's ``|W|`` are taken from the dense model in one pass)."""
 
 
 class ConfigError(ValueError):
@@ -103,14 +115,20 @@ class ShipsConfig:
 
 @dataclass(frozen=True)
 class WandaConfig:
-    """Wanda statistics and pruning masks (docs/METHOD.md, "Wanda").
+    """Pruning: the Wanda statistics (always taken: HSR ranks by them) and the masks of the
+    chosen base pruner (docs/METHOD.md, "Wanda", "SparseGPT", "SNIP and magnitude").
 
     Attributes:
+        pruner: ``wanda`` (``|W| * ||X||`` per row), ``sparsegpt`` (Hessian-based selection
+            with the optimal update of the kept weights), ``snip`` (``|W * dL/dW|`` per row) or
+            ``magnitude`` (``|W|`` per row).
         sparsity: fraction of each row's weights pruned (unstructured).
         structure: ``unstructured`` or ``n:m`` (``n`` of every ``m`` consecutive inputs pruned).
         n, m: the N:M pattern, e.g. 2:4.
         mode: ``one-shot`` takes all statistics from the dense model; ``sequential`` prunes
-            layer by layer, each layer's statistics taken after the earlier layers are pruned.
+            layer by layer, each layer's statistics taken after the earlier layers are pruned
+            (Wanda has both; SparseGPT is sequential, as its reference; SNIP and magnitude are
+            one-shot). ``None``: the pruner's own default (``PRUNER_MODES``, first entry).
         tokens: ``response`` counts only the answer tokens of each sample; ``all`` every token.
         num_samples: calibration samples per set (safety and utility).
         batch_size: calibration samples per forward pass.
@@ -118,16 +136,29 @@ class WandaConfig:
     """
 
     sparsity: float = 0.5
+    pruner: Literal["wanda", "sparsegpt", "snip", "magnitude"] = "wanda"
     structure: Literal["unstructured", "n:m"] = "unstructured"
     n: int = 2
     m: int = 4
-    mode: Literal["one-shot", "sequential"] = "one-shot"
+    mode: Literal["one-shot", "sequential"] | None = None
     tokens: Literal["response", "all"] = "response"
     num_samples: int = 128
     batch_size: int = 8
     seed: int = 0
 
     def __post_init__(self) -> None:
+        _check(self.pruner in PRUNERS, f"unknown pruner {self.pruner!r}; choose from {PRUNERS}")
+        modes = PRUNER_MODES.get(self.pruner, ("one-shot",))
+        if self.mode is None:
+            object.__setattr__(self, "mode", modes[0])
+        _check(
+            self.mode in ("one-shot", "sequential"),
+            f"unknown mode {self.mode!r}; choose one-shot or sequential",
+        )
+        _check(
+            self.mode in modes,
+            f"{self.pruner} has no {self.mode} mode; it has {' and '.join(modes)}",
+        )
         _fraction("sparsity", self.sparsity, upper_inclusive=False)
         _check(self.structure in ("unstructured", "n:m"), f"unknown structure {self.structure!r}")
         if self.structure == "n:m":
@@ -135,7 +166,6 @@ class WandaConfig:
                 1 <= self.n < self.m,
                 f"N:M pattern needs 1 <= N < M, got {self.n}:{self.m}",
             )
-        _check(self.mode in ("one-shot", "sequential"), f"unknown mode {self.mode!r}")
         _check(self.tokens in ("response", "all"), f"unknown token selection {self.tokens!r}")
         _check(self.num_samples >= 1, f"num_samples must be >= 1, got {self.num_samples}")
         _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")

@@ -289,7 +289,7 @@ def run(
         intervals in ``ci95``; ``asr_ci`` and ``refusal_rate_benign_ci`` repeat the two the
         ladder is read by) and the judged answers (refused / complied / incoherent).
     """
-    before = (variants.masks, variants.restore)
+    before = (variants.masks, variants.restore, variants.updated)
     pruned = pruned_total(before[0]) if before[0] else 0
     out = []
     try:
@@ -298,7 +298,8 @@ def run(
             if on_rung:
                 on_rung(i, rung)
             if rung.masks is not None:
-                variants.install(rung.masks, rung.restore)
+                # a pruner's updated weights stay; a weight a rung puts back is dense
+                variants.install(rung.masks, rung.restore, before[2])
             ablated = head_ablation(variants.loaded.adapter, rung.ablate) if rung.ablate else None
             with variants.use(rung.variant) as loaded, ablated or nullcontext():
                 answers = generate(loaded, samples, cfg, should_stop=should_stop, desc=rung.label)

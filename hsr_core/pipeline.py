@@ -79,11 +79,12 @@ from .models import (
     resolve_path,
 )
 from .progress import Cancelled, StopFlag, bar, check_stop
+from .pruners import Pruning, prune_model
 from .realign import KEEP_MASKS_MAX_WEIGHTS, RankCache, RestoreSet, head_rank_points, restore_set
 from .ships import read_heads_jsonl, ships_scores, write_heads_jsonl
 from .store import ResultCache, default_cache_dir, folder_fingerprint
-from .variants import VARIANTS, VariantError, Variants
-from .wanda import compute_masks, wanda_norms
+from .variants import VARIANTS, UpdatedWeights, VariantError, Variants
+from .wanda import wanda_norms
 from .worker import ModelThread, torch_threads
 
 __all__ = [
@@ -127,6 +128,8 @@ __all__ = [
     "LoadedModel",
     "Masks",
     "ModelThread",
+    "Pruning",
+    "UpdatedWeights",
     "Norms",
     "RankCache",
     "Reply",
@@ -378,13 +381,17 @@ def prune(
     cfg: WandaConfig,
     *,
     should_stop: StopFlag = None,
+    scratch: Path | None = None,
 ) -> Timed:
-    """Wanda masks (one-shot from the utility norms, or sequential over the prepared utility
-    samples); value: ``Masks``. The model's weights must be dense (``Variants.use("original")``);
-    they are the same on return."""
+    """The masks of ``cfg.pruner`` (Wanda one-shot from the utility norms or sequential over
+    the prepared utility samples; SparseGPT, SNIP or magnitude); value: ``Pruning`` (masks,
+    and SparseGPT's updated weights). The model's weights must be dense
+    (``Variants.use("original")``); they are the same on return."""
     t0 = time.perf_counter()
-    masks = compute_masks(loaded, norms.utility, utility, cfg, should_stop=should_stop)
-    return Timed(masks, False, time.perf_counter() - t0)
+    pruning = prune_model(
+        loaded, norms.utility, utility, cfg, should_stop=should_stop, scratch=scratch
+    )
+    return Timed(pruning, False, time.perf_counter() - t0)
 
 
 def rank_cache(variants: Variants, norms: Norms) -> RankCache:
@@ -651,6 +658,7 @@ def summary(
     if masks is not None:
         rep = sparsity_report(loaded, masks)
         out.update(
+            pruner=run.wanda.pruner,
             pruned_weights=rep["pruned_weights"],
             prunable_weights=rep["prunable_weights"],
             achieved_sparsity=rep["sparsity"],

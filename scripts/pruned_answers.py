@@ -56,7 +56,7 @@ def main() -> None:
         wanda = WandaConfig(sparsity=sparsity)
         safety, utility = pl.calibration_samples(loaded, calib, wanda)
         norms = pl.calibrate(loaded, safety, utility, wanda, cache).value
-        masks = pl.prune(loaded, norms, utility, wanda).value
+        masks = pl.prune(loaded, norms, utility, wanda).value.masks
         variants = pl.Variants(loaded, scratch=Path(cache_root) / "variants")
         try:
             variants.install(masks)

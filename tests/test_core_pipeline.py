@@ -161,7 +161,7 @@ def test_evaluate_variants(tiny_llama, tmp_path):
         ShipsConfig(num_samples=3),
         cache,
     ).value
-    masks = pl.prune(tiny_llama, norms, utility, wcfg).value
+    masks = pl.prune(tiny_llama, norms, utility, wcfg).value.masks
     v = Variants(tiny_llama, scratch=tmp_path / "scratch")
     v.install(masks)
     rs = pl.realign(
@@ -244,7 +244,7 @@ def test_evaluate_reports_one_progress_over_every_variant(tiny_llama, tmp_path, 
     safety, utility = pl.calibration_samples(tiny_llama, calib, wcfg)
     norms = pl.calibrate(tiny_llama, safety, utility, wcfg, ResultCache(tmp_path)).value
     v = Variants(tiny_llama, scratch=tmp_path / "scratch")
-    v.install(pl.prune(tiny_llama, norms, utility, wcfg).value)
+    v.install(pl.prune(tiny_llama, norms, utility, wcfg).value.masks)
     ev = [s for s in builtin_eval() if s.harmful][:3] + [
         s for s in builtin_eval() if not s.harmful and s.response
     ][:2]

@@ -265,7 +265,7 @@ def test_a_gone_session_leaves_nothing_in_the_shared_model(cache_root: Path) -> 
     with wb.variants.use("original") as dense:
         safety, utility = pipeline.calibration_samples(dense, calib, cfg)
         norms = pipeline.calibrate(dense, safety, utility, cfg, wb.cache).value
-        masks = pipeline.prune(dense, norms, utility, cfg).value
+        masks = pipeline.prune(dense, norms, utility, cfg).value.masks
     mine = Session(wb.model_key, TINY, masks=masks)
     wb.install(mine)
     with wb.variants.use("pruned"):

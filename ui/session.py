@@ -61,6 +61,7 @@ class Session:
         wanda: the Wanda config of ``norms_key`` and ``masks``.
         norms_key: key of the safety/utility norm vectors in the workbench.
         masks: the pruning masks (True = pruned).
+        updated: SparseGPT's updated values of the weights it kept (None for other pruners).
         sparsity: ``sparsity_report`` of the masks.
         realign: the settings of ``restore``.
         restore: the restore set shown in the Realign tab.
@@ -75,6 +76,7 @@ class Session:
     wanda: WandaConfig | None = None
     norms_key: str | None = None
     masks: pipeline.Masks | None = None
+    updated: pipeline.UpdatedWeights | None = None
     sparsity: dict[str, Any] | None = None
     realign: RealignConfig | None = None
     restore: pipeline.RestoreSet | None = None
@@ -115,6 +117,7 @@ def variant_settings(state: Session, variant: str) -> dict[str, Any] | None:
     pruned = {
         "sparsity": w.sparsity if w.structure == "unstructured" else w.target_sparsity,
         "structure": "unstructured" if w.structure == "unstructured" else f"{w.n}:{w.m}",
+        "pruner": w.pruner,
         "mode": w.mode,
         "calib_samples": w.num_samples,
         "achieved_sparsity": (state.sparsity or {}).get("sparsity"),

@@ -117,10 +117,15 @@ class Workbench:
                 loaded = pipeline.load_model(spec, cache_dir=self.cache_root, log=log)
                 steps.update()
                 self.loaded = loaded
-                self.variants = pipeline.Variants(loaded, scratch=self.cache_root / "variants")
+                self.variants = pipeline.Variants(loaded, scratch=self.scratch)
                 self.model_key = key
                 steps.update()
             return True
+
+    @property
+    def scratch(self) -> Path:
+        """Where the variants' scratch files go (the dense weights; SparseGPT's updates)."""
+        return self.cache_root / "variants"
 
     def release(self) -> None:
         """Drop the model and everything derived from it (frees its memory)."""
@@ -158,7 +163,7 @@ class Workbench:
         """Put the session's masks and restore set into the shared variants."""
         with self.lock:
             self.require(session)
-            self.variants.install(session.masks, session.restore)
+            self.variants.install(session.masks, session.restore, session.updated)
             return self.variants
 
     def drop(self, session: Session) -> None:

@@ -32,7 +32,7 @@ from typing import Any
 import gradio as gr
 
 from hsr_core import pipeline
-from hsr_core.config import ConfigError, GenerationSettings, to_dict
+from hsr_core.config import PRUNER_LABELS, ConfigError, GenerationSettings, to_dict
 from ui import events, public
 from ui.session import Session, variant_settings
 from ui.workbench import MODEL_THREAD, WORKBENCH, download_dir
@@ -91,7 +91,8 @@ def describe_settings(variant: str, s: dict[str, Any] | None) -> str:
         return "not available yet"
     if variant == "original":
         return "dense weights"
-    pruned = f"Wanda {100 * s['sparsity']:.0f}% {s['structure']}, {s['mode']}"
+    pruner = PRUNER_LABELS.get(s.get("pruner", "wanda"), "Wanda")
+    pruned = f"{pruner} {100 * s['sparsity']:.0f}% {s['structure']}, {s['mode']}"
     if variant == "pruned":
         return pruned
     return (
@@ -198,11 +199,12 @@ def column_label(state: Session, variant: str) -> str:
         return "original (dense)"
     if s is None:
         return f"{variant} (not made yet)"
+    pruner = PRUNER_LABELS.get(s.get("pruner", "wanda"), "Wanda")
     if variant == "pruned":
-        return f"pruned · Wanda {100 * s['sparsity']:.0f}%"
+        return f"pruned · {pruner} {100 * s['sparsity']:.0f}%"
     # short: the label shares the column's top edge with its toolbar (clear, copy all)
     mlp = "+mlp (ours)" if s.get("scope", "heads") != "heads" else "heads"
-    return f"realigned · +{s['restored']:,} in {len(s['selected_heads'])} {mlp}"
+    return f"realigned · {pruner} +{s['restored']:,} in {len(s['selected_heads'])} {mlp}"
 
 
 def _columns(turns: Sequence[Turn], state: Session | None = None) -> dict[str, Any]:

@@ -1,6 +1,7 @@
-"""Tab 3, Prune: Wanda statistics of the safety and utility sets (cached on disk), then the
-pruning masks (``pipeline.calibrate``, ``pipeline.prune``), installed into the shared variants
-for this session, with the achieved sparsity per layer and module."""
+"""Tab 3, Prune: Wanda statistics of the safety and utility sets (cached on disk; HSR ranks by
+them whatever the pruner), then the masks of the chosen base pruner (Wanda, SparseGPT, SNIP or
+magnitude: ``pipeline.calibrate``, ``pipeline.prune``), installed into the shared variants for
+this session, with the achieved sparsity per layer and module."""
 
 from __future__ import annotations
 
@@ -11,16 +12,26 @@ from typing import Any
 import gradio as gr
 
 from hsr_core import pipeline
-from hsr_core.config import STRUCTURES, WandaConfig, parse_structure
+from hsr_core.config import (
+    PRUNER_LABELS,
+    PRUNER_MODES,
+    PRUNERS,
+    STRUCTURES,
+    WandaConfig,
+    parse_structure,
+)
 from ui import events, figures
 from ui.session import Session, status_line
 from ui.workbench import LIVE_CACHE_MAX_WEIGHTS, WORKBENCH
 
 
-def wanda_config(sparsity: float, structure: str, mode: str, num_samples: float) -> WandaConfig:
+def wanda_config(
+    sparsity: float, structure: str, mode: str, num_samples: float, pruner: str = "wanda"
+) -> WandaConfig:
     """The widgets' values as a ``WandaConfig`` (which checks them)."""
     return WandaConfig(
         sparsity=float(sparsity),
+        pruner=pruner,
         mode=mode,
         num_samples=int(num_samples),
         **parse_structure(structure),
@@ -34,13 +45,14 @@ def prune(
     mode: str,
     num_samples: float,
     recompute: bool,
+    pruner: str,
     state: Session,
     request: gr.Request,
     progress=events.TRACK_TQDM,
 ) -> dict[str, Any]:
-    """Wanda statistics of both sets (cached), then the pruning masks."""
+    """Wanda statistics of both sets (cached), then the pruner's masks."""
     events.show_eta(progress)
-    cfg = wanda_config(sparsity, structure, mode, num_samples)
+    cfg = wanda_config(sparsity, structure, mode, num_samples, pruner)
     with WORKBENCH.lock, events.stoppable(request) as should_stop:
         loaded = WORKBENCH.require(state)
         calib = WORKBENCH.calibration(state.data)
@@ -58,12 +70,26 @@ def prune(
                 )
                 key = WORKBENCH.norms_key(state.data, cfg)
                 WORKBENCH.put_norms(key, norms.value)
-                masks = pipeline.prune(dense, norms.value, utility, cfg, should_stop=should_stop)
+                masks = pipeline.prune(
+                    dense,
+                    norms.value,
+                    utility,
+                    cfg,
+                    should_stop=should_stop,
+                    scratch=WORKBENCH.scratch,
+                )
         except pipeline.Cancelled:
             return {"prune_status": "**Stopped.** Earlier results are kept."}
-        report = pipeline.sparsity_report(loaded, masks.value)
+        pruning = masks.value
+        report = pipeline.sparsity_report(loaded, pruning.masks)
         new = replace(
-            state, wanda=cfg, norms_key=key, masks=masks.value, sparsity=report, restore=None
+            state,
+            wanda=cfg,
+            norms_key=key,
+            masks=pruning.masks,
+            updated=pruning.updated,
+            sparsity=report,
+            restore=None,
         )
         WORKBENCH.install(new)  # the dense copy is made here, not at the first chat turn
         with suppress(pipeline.Cancelled):  # the ranks are a head start; the masks are done
@@ -80,14 +106,22 @@ def prune(
         "status": status_line(new),
         "prune_status": (
             f"**Done.** Pruned {report['pruned_weights']:,} of {report['prunable_weights']:,} "
-            f"decoder weights (**{100 * report['sparsity']:.2f}%**, {shape}, {cfg.mode}); "
-            f"statistics of {cfg.num_samples} samples per set {stats}, masks in "
+            f"decoder weights with **{PRUNER_LABELS[cfg.pruner]}** "
+            f"(**{100 * report['sparsity']:.2f}%**, {shape}, {cfg.mode}"
+            + ("; the kept weights carry SparseGPT's update" if pruning.updated else "")
+            + f"); Wanda statistics of {cfg.num_samples} samples per set {stats}, masks in "
             f"{masks.seconds:.1f} s."
         ),
         "sparsity_plot": figures.sparsity_chart(
             report["per_layer"], report["per_module"], cfg.target_sparsity
         ),
     }
+
+
+def pruner_mode(pruner: str, mode: str) -> str:
+    """The mode radio after a pruner is chosen: kept when the pruner has it, else its own."""
+    modes = PRUNER_MODES.get(pruner, ("one-shot",))
+    return mode if mode in modes else modes[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -98,10 +132,21 @@ def build(c: dict[str, Any]) -> None:
     with gr.Tab("3 · Prune", id="prune"):
         gr.Markdown(
             "**Wanda** scores each weight by |W| times the norm of its input over calibration "
-            "tokens. Statistics of both sets are collected in one pass each (and cached); the "
-            "mask prunes the lowest utility scores of each row."
+            "tokens. Statistics of both sets are collected in one pass each (and cached; HSR "
+            "ranks by them whatever the pruner); the mask prunes the lowest utility scores of "
+            "each row. **SparseGPT** chooses by the layer Hessian and updates the weights it "
+            "keeps; **SNIP** prunes the lowest |W · dL/dW| on the utility set; **magnitude** the "
+            "lowest |W|."
         )
         with gr.Row(equal_height=True):
+            c["pruner"] = gr.Dropdown(
+                [(PRUNER_LABELS[p], p) for p in PRUNERS],
+                value="wanda",
+                label="pruner",
+                info="the base pruner HSR realigns",
+                scale=1,
+                min_width=160,
+            )
             c["sparsity"] = gr.Slider(
                 0.0,
                 0.95,
@@ -130,7 +175,8 @@ def build(c: dict[str, Any]) -> None:
                 ["one-shot", "sequential"],
                 value="one-shot",
                 label="mode",
-                info="sequential: each layer's statistics after pruning the earlier ones",
+                info="sequential: each layer's statistics after pruning the earlier ones "
+                "(SparseGPT: sequential only; SNIP, magnitude: one-shot only)",
                 scale=2,
             )
             c["prune_recompute"] = gr.Checkbox(
@@ -150,11 +196,18 @@ def wire(c: dict[str, Any]) -> None:
         c,
         "prune_btn",
         prune,
-        ["sparsity", "structure", "mode", "calib_samples", "prune_recompute", "state"],
+        ["sparsity", "structure", "mode", "calib_samples", "prune_recompute", "pruner", "state"],
         ["state", "status", "prune_status", "sparsity_plot"],
         api_name="prune",
         message="prune_status",
         show_progress_on=[c["sparsity_plot"]],
+    )
+    c["pruner"].change(
+        pruner_mode,
+        [c["pruner"], c["mode"]],
+        [c["mode"]],
+        api_visibility="private",
+        show_progress="hidden",
     )
     c["prune_stop"].click(
         events.stop, api_visibility="private", concurrency_limit=None, show_progress="hidden"
