@@ -55,6 +55,9 @@ COMMANDS = {
     "localize": "The localization ladder (HSR Workbench's own study, not the paper's): ASR when "
     "HSR's set, random heads, the top heads, all attention or all MLP weights are put back, and "
     "of the dense model with the top heads ablated (writes localize.json).",
+    "grid": "The paper's grid: every base pruner (--pruners), pruned and +HSR, on the same "
+    "evaluation prompts: ASR with Wilson intervals, RSR with bootstrap intervals, perplexity, "
+    "restored weights (writes grid.json and grid.md).",
     "run": "All steps: heads.jsonl, summary.json, and eval.json / exports when asked.",
 }
 EXAMPLE = """example:
@@ -131,6 +134,12 @@ def _add_common(p: argparse.ArgumentParser, command: str) -> None:
         choices=list(PRUNERS),
         help="base pruner (default wanda); sparsegpt updates the weights it keeps",
     )
+    if command == "grid":
+        w.add_argument(
+            "--pruners",
+            default=",".join(PRUNERS),
+            help=f"comma-separated pruners of the grid (default all: {','.join(PRUNERS)})",
+        )
     w.add_argument(
         "--sparsity", type=float, default=0.5, help="fraction pruned per row (default 0.5)"
     )
@@ -195,7 +204,7 @@ def _add_common(p: argparse.ArgumentParser, command: str) -> None:
     e = p.add_argument_group("evaluation and export")
     e.add_argument(
         "--eval-data",
-        default=None if command not in ("evaluate", "localize") else "builtin",
+        default=None if command not in ("evaluate", "localize", "grid") else "builtin",
         help='builtin or a JSONL of {"prompt", "harmful", "image"?}',
     )
     e.add_argument(
@@ -298,6 +307,52 @@ def run_config(args: argparse.Namespace, total_heads: int | None = None) -> RunC
     )
 
 
+def grid_pruners(args: argparse.Namespace) -> list[str]:
+    """``--pruners`` as a list, each checked (exact names, no abbreviations)."""
+    names = [x.strip() for x in args.pruners.split(",") if x.strip()]
+    bad = [x for x in names if x not in PRUNERS]
+    if bad or not names:
+        raise ConfigError(
+            f"unknown pruner {', '.join(map(repr, bad)) or '(none given)'} in --pruners; "
+            f"choose from {', '.join(PRUNERS)}"
+        )
+    return names
+
+
+def run_grid_command(
+    loaded, run, scores, norms, utility, samples, scratch, args, cache_root, log, written
+) -> dict[str, Any]:
+    """``grid``: every pruner, pruned and +HSR, written as grid.json and grid.md."""
+    from . import pipeline as pl
+    from .grid import grid_table, run_grid
+
+    variants = pl.Variants(loaded, scratch=scratch)
+    try:
+        grid = run_grid(
+            variants,
+            scores,
+            norms,
+            utility,
+            samples,
+            grid_pruners(args),
+            run.wanda,
+            run.realign,
+            run.eval,
+            judge=judge_model(args, cache_root, log),
+            scratch=scratch,
+            log=log,
+        )
+    finally:
+        variants.close()
+    grid["model"] = loaded.spec.name
+    written["grid.json"] = str(pl.write_json(args.out / "grid.json", grid))
+    table = grid_table(grid)
+    (args.out / "grid.md").write_text(f"Model `{loaded.spec.name}`.\n\n{table}")
+    written["grid.md"] = str(args.out / "grid.md")
+    log(table)
+    return written
+
+
 def localize_config(args: argparse.Namespace) -> LocalizeConfig:
     rungs = tuple(r.strip() for r in args.rungs.split(",") if r.strip())
     return LocalizeConfig(top_k=args.ladder_k, seeds=args.ladder_seeds, rungs=rungs)
@@ -332,7 +387,7 @@ def say_estimate(
     when it is long, with the options that make it shorter."""
     from . import pipeline as pl
 
-    ships = command in ("attribute", "realign", "evaluate", "export", "run", "localize")
+    ships = command in ("attribute", "realign", "evaluate", "export", "run", "localize", "grid")
     ships = ships and not run.heads_file
     probes = pl.probe_prompts(loaded, calib, run.ships) if ships else []
     safety, utility = (
@@ -374,6 +429,8 @@ def execute(command: str, args: argparse.Namespace) -> dict[str, Any]:
     run = run_config(args)  # checks every setting before a model is loaded
     if command == "localize":
         localize_config(args)
+    if command == "grid":
+        grid_pruners(args)
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     cache_root = args.cache_dir or pl.default_cache_dir()
@@ -406,7 +463,7 @@ def execute(command: str, args: argparse.Namespace) -> dict[str, Any]:
 
     say_estimate(command, run, loaded, calib, cache, args, log)
     scores = None
-    if command in ("attribute", "realign", "evaluate", "export", "run", "localize"):
+    if command in ("attribute", "realign", "evaluate", "export", "run", "localize", "grid"):
         if run.heads_file:
             scores = pl.read_heads_jsonl(run.heads_file, a.num_layers, a.num_heads)
             timings["attribute"], cached["attribute"] = 0.0, True
@@ -439,6 +496,20 @@ def execute(command: str, args: argparse.Namespace) -> dict[str, Any]:
         return written
 
     scratch = Path(cache_root) / "variants"
+    if command == "grid":
+        return run_grid_command(
+            loaded,
+            run,
+            scores,
+            norms,
+            utility,
+            eval_samples,
+            scratch,
+            args,
+            cache_root,
+            log,
+            written,
+        )
     r = pl.prune(loaded, norms, utility, run.wanda, scratch=scratch)  # weights still dense here
     timings["prune"] = r.seconds
     pruning = r.value
