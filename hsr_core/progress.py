@@ -9,7 +9,7 @@ stopping criterion (read after every token), so a Stop button really stops them.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import torch
@@ -56,3 +56,26 @@ def bar(
 ) -> Any:
     """A tqdm progress bar with the project's defaults."""
     return tqdm(iterable, desc=desc, total=total, unit=unit, dynamic_ncols=True, leave=False, **kw)
+
+
+def steps(
+    items: Sequence[T], *, desc: str, unit: str = "it"
+) -> Iterator[tuple[T, Callable[[float], None]]]:
+    """Iterate ``items`` under one bar that also moves inside an item.
+
+    Each item comes with ``advance(fraction)``: the part of that item done so far (0..1). The
+    bar then stands at ``index + fraction`` (``1.25/8 prompt``), and at the next whole number
+    once the item is done, so a slow first item shows progress (and gives an ETA) long before
+    it ends.
+
+    Yields:
+        ``(item, advance)`` pairs, in order.
+    """
+    with bar(desc=desc, total=len(items), unit=unit) as b:
+        for i, item in enumerate(items):
+
+            def advance(fraction: float, i: int = i) -> None:
+                b.update(i + min(max(fraction, 0.0), 1.0) - b.n)
+
+            yield item, advance
+            b.update(i + 1 - b.n)

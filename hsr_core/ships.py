@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -30,7 +30,7 @@ from .encoding import encode_one
 from .heads import Head, all_heads
 from .hooks import HookSet, LayerRecord, add_head_ablation, record_layers, run_layer
 from .models import LoadedModel
-from .progress import StopFlag, bar, check_stop
+from .progress import StopFlag, check_stop, steps
 
 
 def ablated_finals(
@@ -41,6 +41,7 @@ def ablated_finals(
     mode: str = "zero",
     batch_size: int = 16,
     should_stop: StopFlag = None,
+    on_batch: Callable[[float], None] | None = None,
 ) -> torch.Tensor:
     """Final-norm hidden state at the last position with each head ablated in turn.
 
@@ -51,6 +52,7 @@ def ablated_finals(
         mode: ``zero`` or ``uniform`` ablation.
         batch_size: ablated copies per replay batch.
         should_stop: polled between batches.
+        on_batch: called after each replay batch with the fraction of ``heads`` done.
 
     Returns:
         ``[len(heads), hidden]`` in the model's dtype, one row per head in ``heads`` order.
@@ -74,6 +76,8 @@ def ablated_finals(
                     add_head_ablation(hooks, a, layer, row_heads, mode)
                 x = run_layer(a.layers[layer], x, record.kwargs[layer])
             outs.append(a.final_norm(x)[:, -1])  # [chunk, hidden]
+        if on_batch is not None:
+            on_batch((start + len(chunk)) / len(heads))
     return torch.cat(outs)
 
 
@@ -138,7 +142,8 @@ def ships_scores(
     device = loaded.device
     intact, ablated, kl = [], [], torch.zeros(len(heads), dtype=torch.float64)
     batch = cfg.batch_size
-    for sample in bar(prompts, desc="Ships attribution", unit="prompt"):
+    # the bar moves after each replay batch: a prompt of a large model takes tens of seconds
+    for sample, advance in steps(prompts, desc="Ships attribution", unit="prompt"):
         check_stop(should_stop)
         inputs, _, _ = encode_one(loaded, sample, with_response=False)
         record = record_layers(loaded.model, a, {k: v.to(device) for k, v in inputs.items()})
@@ -151,6 +156,7 @@ def ships_scores(
                     mode=cfg.ablation,
                     batch_size=batch,
                     should_stop=should_stop,
+                    on_batch=advance,
                 )
                 break
             except torch.OutOfMemoryError:

@@ -230,3 +230,32 @@ def test_out_of_memory_halves_the_batch(tiny_llama, monkeypatch):
     got = ships_scores(tiny_llama, samples, ShipsConfig(num_samples=2, batch_size=8))
     assert torch.allclose(got, expected, atol=1e-4)
     assert max(sizes) > 2 and sizes[-1] <= 2
+
+
+def test_the_bar_moves_inside_each_prompt(tiny_llama, monkeypatch):
+    """The bar advances after every replay batch, not only after a whole prompt: a prompt of a
+    large model takes tens of seconds, and the page stood at 0% until the first one ended
+    (issue 17). Counted through tqdm itself: the updates before the first prompt is done."""
+    from hsr_core import progress
+
+    seen: list[float] = []
+
+    class Recording(progress.tqdm):
+        def update(self, n=1):
+            out = super().update(n)
+            seen.append(self.n)
+            return out
+
+    monkeypatch.setattr(progress, "tqdm", Recording)
+    loaded = tiny_llama
+    heads = loaded.adapter.num_layers * loaded.adapter.num_heads
+    batch = heads // 4  # four replay batches a prompt
+    samples = probes(loaded, 3)
+    scores = ships_scores(loaded, samples, ShipsConfig(num_samples=3, batch_size=batch))
+    inside_first = [n for n in seen if n < 1]
+    assert inside_first == pytest.approx([0.25, 0.5, 0.75])
+    assert seen[-1] == pytest.approx(3)  # whole prompts at the end
+    assert seen == sorted(seen)  # never backwards
+    # the bar changes nothing: the same scores in one batch a prompt
+    whole = ships_scores(loaded, samples, ShipsConfig(num_samples=3, batch_size=heads))
+    assert torch.allclose(scores, whole, atol=1e-4)
