@@ -8,6 +8,7 @@ as the design intends.
 
 Usage:
     python bench/bench_variants.py --model builtin:smollm2-135m
+    python bench/bench_variants.py --model builtin:smollm2-135m --pruner sparsegpt
     python bench/bench_variants.py --model shape:vicuna-7b --device cuda
 
 ``shape:NAME`` (the shapes of ``bench_core.py``) builds a random-weight model in bfloat16 on the
@@ -121,6 +122,12 @@ def main() -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--samples", type=int, default=8, help="calibration samples per set")
     p.add_argument("--cycles", type=int, default=5)
+    p.add_argument(
+        "--pruner",
+        default="wanda",
+        choices=["wanda", "sparsegpt"],
+        help="sparsegpt: the variants carry its updated weights (a second scratch store)",
+    )
     args = p.parse_args()
 
     shape = args.model.startswith("shape:")
@@ -164,6 +171,15 @@ def main() -> None:
         prm.data = prm.data.clone()
 
     safety, utility, masks, scores = pruning_state(loaded, args.samples, random_norms=shape)
+    updated = None
+    if args.pruner == "sparsegpt":
+        from hsr_core.pipeline import calibration_samples
+        from hsr_core.pruners import prune_model
+
+        cfg = WandaConfig(sparsity=0.5, num_samples=args.samples, pruner="sparsegpt")
+        _, prepared = calibration_samples(loaded, builtin_calibration(), cfg)
+        pruning = prune_model(loaded, utility, prepared, cfg)
+        masks, updated = pruning.masks, pruning.updated
 
     # the restore set comes from the realign step (its rank cache is that step's memory, not
     # the variants'): made here, while the model is dense, before memory is measured
@@ -182,8 +198,7 @@ def main() -> None:
     base_anon = rss_anon()
     with PeakSampler() as sampler:
         v = Variants(loaded)
-        v.set_masks(masks)
-        v.set_restore(rs)
+        v.install(masks, rs, updated)
         times: dict[str, list[float]] = {}
         for _ in range(args.cycles):
             for name in ("pruned", "realigned", "pruned", "original", "realigned", "original"):
@@ -202,7 +217,10 @@ def main() -> None:
     )
     v.close()
 
-    print(f"# {args.model} on {device}, {loaded.dtype}; weights {weights / 2**20:.0f} MiB")
+    print(
+        f"# {args.model} on {device}, {loaded.dtype}; weights {weights / 2**20:.0f} MiB; "
+        f"pruner {args.pruner}; torch threads {torch.get_num_threads()}"
+    )
     print("| step | median ms | vs baseline |")
     print("|---|---|---|")
     first = "build (random weights, on the device)" if shape else "load (first, cold cache)"
