@@ -579,3 +579,44 @@ def test_heads_plus_mlp_scope_is_labelled_as_ours(session: Client) -> None:
     assert out["restore"]["restored"] > heads["restore"]["restored"]
     assert "our extension" in out["restore"]["restore_scope"]
     realign(session, p=0.5, q=0.5, max_p=0.7)  # back to the paper's scope for later tests
+
+
+def test_each_pruner_through_the_api(session: Client) -> None:
+    """The Prune tab's pruner choice reaches the core: SparseGPT's masks differ from Wanda's
+    at the same sparsity, the message and the summary name the pruner, a mode the pruner does
+    not have is explained, and realign works on top of each."""
+    wanda = summary(session)
+    for pruner, mode in (
+        ("sparsegpt", "sequential"),
+        ("snip", "one-shot"),
+        ("magnitude", "one-shot"),
+    ):
+        status, message, chart = session.predict(
+            sparsity=0.5,
+            structure="unstructured",
+            mode=mode,
+            num_samples=16,
+            recompute=False,
+            pruner=pruner,
+            api_name="/prune",
+        )
+        label = {"sparsegpt": "SparseGPT", "snip": "SNIP", "magnitude": "magnitude"}[pruner]
+        assert f"with **{label}**" in message and "50.00%" in message
+        assert ("SparseGPT's update" in message) == (pruner == "sparsegpt")
+        s = summary(session)
+        assert s["pruning"]["config"]["pruner"] == pruner
+        out = realign(session, p=0.3, q=0.8, max_p=0.9)
+        assert out["restore"]["restored"] > 0
+    with pytest.raises(AppError, match="snip has no sequential mode"):
+        session.predict(
+            sparsity=0.5,
+            structure="unstructured",
+            mode="sequential",
+            num_samples=16,
+            recompute=False,
+            pruner="snip",
+            api_name="/prune",
+        )
+    prune(session)  # back to Wanda 50% for the later tests
+    assert summary(session)["pruning"]["config"]["pruner"] == "wanda"
+    assert wanda["pruning"]["config"]["pruner"] == "wanda"
