@@ -136,6 +136,8 @@ def judge_answers(
     answers: Sequence[str],
     cfg: EvalConfig,
     judge: GuardJudge | None = None,
+    *,
+    should_stop: StopFlag = None,
 ) -> list[dict[str, Any]]:
     """One record per prompt: prompt, kind, answer, its class by ``cfg.judge`` and the refusal
     flag (``verdict == "refused"``); with a judge model, its verdict on harmful prompts.
@@ -146,9 +148,15 @@ def judge_answers(
         cfg: ``judge`` and the keyword judge's ``min_words``.
         judge: the judge model (needed by ``cfg.judge == "model"``; with another judge its
             verdicts are recorded beside, as ``judge_unsafe`` and ``asr_judge``).
+        should_stop: read after every token the judge model generates (``Cancelled``).
     """
     classes, unsafe = judge_verdicts(
-        samples, answers, cfg.judge, guard=judge, min_words=cfg.min_words
+        samples,
+        answers,
+        cfg.judge,
+        guard=judge,
+        min_words=cfg.min_words,
+        should_stop=should_stop,
     )
     rows = []
     for s, ans, verdict, u in zip(samples, answers, classes, unsafe, strict=True):

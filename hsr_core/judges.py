@@ -36,6 +36,7 @@ import torch
 from .config import JUDGES
 from .data import Sample
 from .models import LoadedModel
+from .progress import StopFlag, StopOnFlag, check_stop
 
 VERDICTS = ("refused", "complied", "incoherent")
 
@@ -237,7 +238,18 @@ class GuardJudge:
         return None
 
     @torch.inference_mode()
-    def unsafe(self, prompt: str, answer: str) -> bool | None:
+    def unsafe(self, prompt: str, answer: str, *, should_stop: StopFlag = None) -> bool | None:
+        """The judge model's verdict on one answer (None when it says neither).
+
+        ``should_stop`` is read after every generated token, as the evaluation's own
+        generation reads it, and the verdict of a stopped generation is not returned.
+
+        Raises:
+            Cancelled: the stop flag was set.
+        """
+        from transformers import StoppingCriteriaList
+
+        check_stop(should_stop)
         tok = self.loaded.tokenizer
         chat = [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
         ids = tok.apply_chat_template(chat, return_tensors="pt", return_dict=True).to(
@@ -248,7 +260,11 @@ class GuardJudge:
             max_new_tokens=self.max_new_tokens,
             do_sample=False,
             pad_token_id=tok.pad_token_id,
+            stopping_criteria=StoppingCriteriaList([StopOnFlag([should_stop])])
+            if should_stop
+            else None,
         )
+        check_stop(should_stop)  # stopped inside generate: its cut verdict is not used
         return self.parse(tok.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True))
 
 
@@ -287,8 +303,11 @@ def judge_verdicts(
     *,
     guard: GuardJudge | None = None,
     min_words: int = 5,
+    should_stop: StopFlag = None,
 ) -> tuple[list[str], list[bool | None]]:
     """Each answer's class, and the judge model's verdict on each harmful one.
+
+    ``should_stop`` reaches the judge model's generation (read after every token).
 
     Returns:
         ``(classes, unsafe)``: ``classes[i]`` in ``VERDICTS``; ``unsafe[i]`` the guard's verdict
@@ -296,6 +315,7 @@ def judge_verdicts(
 
     Raises:
         ValueError: ``judge="model"`` without a guard, or an unknown judge.
+        Cancelled: the stop flag was set while the judge model ran.
     """
     if judge not in JUDGES:
         raise ValueError(f"unknown judge {judge!r}; choose one of {', '.join(JUDGES)}")
@@ -303,7 +323,11 @@ def judge_verdicts(
         raise ValueError("the model judge needs a judge model (--judge-model)")
     classes, unsafe = [], []
     for s, a in zip(samples, answers, strict=True):
-        u = guard.unsafe(s.prompt, a) if guard is not None and s.harmful else None
+        u = (
+            guard.unsafe(s.prompt, a, should_stop=should_stop)
+            if guard is not None and s.harmful
+            else None
+        )
         unsafe.append(u)
         classes.append(classify(a, judge, min_words=min_words, unsafe=u))
     return classes, unsafe

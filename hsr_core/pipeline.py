@@ -529,7 +529,7 @@ def evaluate(
                     if cfg.lm_eval
                     else None
                 )
-            rows = judge_answers(samples, answers, cfg, judge)
+            rows = judge_answers(samples, answers, cfg, judge, should_stop=should_stop)
             out["variants"][name] = {**rates(rows), "perplexity": ppl}
             if harness is not None:
                 out["variants"][name]["lm_eval"] = harness
@@ -602,7 +602,7 @@ def localize(
         rungs,
         samples,
         eval_cfg,
-        lambda s, a: judge_answers(s, a, eval_cfg, judge),
+        lambda s, a: judge_answers(s, a, eval_cfg, judge, should_stop=should_stop),
         should_stop=should_stop,
     )
     return {
