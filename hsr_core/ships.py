@@ -13,12 +13,20 @@ heads are processed in batches of ``batch_size`` ablated copies of the prompt, s
 a batch starts at the layer of its first head, and the copies for each later head join the
 batch at that head's layer, taken from the recorded input. Layers below a head's layer are never
 re-run, so the arithmetic is about half the naive loop's, in full batches.
+
+Llama-3.2-Vision: the heads of its cross-attention layers (queries from the text, keys and
+values from the image) are scored like the others. Mllama skips those layers for a prompt
+without an image, so there ablating such a head changes nothing: the head gets the intact
+state for that prompt, and when no probe prompt has an image every cross-attention head scores
+exactly 0 (a warning says so). The pipeline's probes for a vision model always carry an
+image (a typographic one when the data has none), so this happens only to direct callers.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -55,17 +63,23 @@ def ablated_finals(
         on_batch: called after each replay batch with the fraction of ``heads`` done.
 
     Returns:
-        ``[len(heads), hidden]`` in the model's dtype, one row per head in ``heads`` order.
+        ``[len(heads), hidden]`` in the model's dtype, one row per head in ``heads`` order. A
+        head of a layer the record skipped (Mllama's cross-attention without an image) gets
+        the intact state: ablating it changes nothing.
     """
     a = loaded.adapter
+    live = [i for i, (l, _) in enumerate(heads) if l not in record.skipped]
+    replayed = [heads[i] for i in live]
     outs = []
-    for start in range(0, len(heads), batch_size):
+    for start in range(0, len(replayed), batch_size):
         check_stop(should_stop)
-        chunk = heads[start : start + batch_size]
+        chunk = replayed[start : start + batch_size]
         first = chunk[0][0]
         x: torch.Tensor | None = None
         with HookSet() as hooks, torch.inference_mode():
             for layer in range(first, a.num_layers):
+                if layer in record.skipped:  # a layer the intact pass skipped: the identity
+                    continue
                 new = [h for (l, h) in chunk if l == layer]
                 if new:
                     fresh = record.inputs[layer].expand(len(new), -1, -1)  # [new, seq, hidden]
@@ -78,7 +92,12 @@ def ablated_finals(
             outs.append(a.final_norm(x)[:, -1])  # [chunk, hidden]
         if on_batch is not None:
             on_batch((start + len(chunk)) / len(heads))
-    return torch.cat(outs)
+    if len(live) == len(heads):
+        return torch.cat(outs)
+    out = record.final[:, -1].expand(len(heads), -1).clone()  # [heads, hidden]: intact
+    if outs:
+        out[live] = torch.cat(outs)
+    return out
 
 
 def principal_angle_sum(M: torch.Tensor, M_A: torch.Tensor, r_main: int = 1) -> torch.Tensor:
@@ -131,6 +150,7 @@ def ships_scores(
 
     Returns:
         ``[num_layers, num_heads]`` float32 scores (degrees for ``angle``, nats for ``kl``).
+        Mllama's cross-attention heads score exactly 0 when no prompt has an image (warned).
     """
     a = loaded.adapter
     if cfg.metric == "angle" and len(prompts) < max(2, cfg.r_main):
@@ -142,11 +162,13 @@ def ships_scores(
     device = loaded.device
     intact, ablated, kl = [], [], torch.zeros(len(heads), dtype=torch.float64)
     batch = cfg.batch_size
+    never_ran = set(a.cross_layers)  # cross-attention layers no prompt has run yet
     # the bar moves after each replay batch: a prompt of a large model takes tens of seconds
     for sample, advance in steps(prompts, desc="Ships attribution", unit="prompt"):
         check_stop(should_stop)
         inputs, _, _ = encode_one(loaded, sample, with_response=False)
         record = record_layers(loaded.model, a, {k: v.to(device) for k, v in inputs.items()})
+        never_ran &= record.skipped
         while True:
             try:
                 finals = ablated_finals(
@@ -180,7 +202,14 @@ def ships_scores(
         values = kl / len(prompts)
     scores = torch.full((a.num_layers, a.num_heads), math.nan)
     for (l, h), v in zip(heads, values.tolist(), strict=True):
-        scores[l, h] = v
+        scores[l, h] = 0.0 if l in never_ran else v  # exactly: the layer never ran
+    if never_ran and any(l in never_ran for l, _ in heads):
+        warnings.warn(
+            f"no probe prompt has an image, so the cross-attention layers "
+            f"{sorted(never_ran)} never ran (Mllama skips them without one): their heads "
+            "score 0, which says nothing about them; give the probes images",
+            stacklevel=2,
+        )
     return scores
 
 

@@ -11,6 +11,12 @@ Masks are data (``hsr_core.masks``: ``dict[name, PackedMask]``, True meaning *pr
 ``floor(in * sparsity)`` scores of each row; N:M masks the lowest N of every M consecutive
 inputs. Ties are broken by position (the earlier input is pruned first), so masks are exact
 and reproducible.
+
+Llama-3.2-Vision: both kinds of decoder layer are pruned alike. The ``k_proj`` / ``v_proj`` of
+a cross-attention layer read the vision states, not the text: their ``X`` is every vision
+token of the image tiles the text may attend to (padding tiles left out), whatever token
+selection the text linears use. Mllama runs a cross-attention layer only for inputs with an
+image, so calibration samples without one give it no statistics (an error says so).
 """
 
 from __future__ import annotations
@@ -52,17 +58,26 @@ class _NormCollector:
     On the CPU a reduction over dim 0 by ``vector_norm`` is 3 to 9x slower than squaring and
     summing (measured on the development machine), so the CPU squares a float32 copy."""
 
-    def __init__(self, modules: dict[str, nn.Linear]) -> None:
+    def __init__(
+        self, modules: dict[str, nn.Linear], vision_inputs: frozenset[str] = frozenset()
+    ) -> None:
         self.modules = modules
+        self.vision_inputs = vision_inputs  # linears that read Mllama's vision states
         self.sums: dict[str, torch.Tensor] = {}
         self._rows: torch.Tensor | None = None  # flat indices of selected tokens; None: all
         self._weights: torch.Tensor | None = None  # [batch * seq] 0/1, for weighted_sum
         self._last: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._tiles: torch.Tensor | None = None  # CPU bool [batch * images * tiles]; None: all
+        self._vision_rows: dict[int, torch.Tensor | None] = {}
 
-    def set_batch(self, select: torch.Tensor) -> bool:
-        """Take the next batch's token selection (bool ``[batch, seq]``); False if it is empty."""
+    def set_batch(self, select: torch.Tensor, tiles: torch.Tensor | None = None) -> bool:
+        """Take the next batch's token selection (bool ``[batch, seq]``) and, for the linears
+        that read vision states, its image tiles seen by the text (bool ``[batch, images,
+        tiles]``, ``vision_tiles``; None: every vision row); False if no token is selected."""
         flat = select.reshape(-1)
         self._last = None
+        self._tiles = None if tiles is None else tiles.reshape(-1).cpu()
+        self._vision_rows = {}
         if self.weighted_sum:
             self._rows, self._weights = None, flat
             return bool(flat.any())
@@ -70,7 +85,21 @@ class _NormCollector:
         self._rows = None if rows.numel() == flat.numel() else rows
         return rows.numel() > 0
 
+    def vision_rows(self, n: int) -> torch.Tensor | None:
+        """Flat indices of the selected rows of ``n`` vision-state rows (``[batch * images *
+        tiles * patches]``, or that reshaped per text row: the same order); None: all."""
+        if self._tiles is None:
+            return None
+        if n not in self._vision_rows:
+            if n % self._tiles.numel():
+                raise RuntimeError(f"{n} vision rows do not split into {self._tiles.numel()} tiles")
+            rows = self._tiles.repeat_interleave(n // self._tiles.numel()).nonzero().squeeze(1)
+            self._vision_rows[n] = None if rows.numel() == n else rows
+        return self._vision_rows[n]
+
     def hook(self, name: str) -> Callable[..., None]:
+        vision = name in self.vision_inputs
+
         def fn(_mod: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
             x = args[0]
             # q/k/v (and gate/up) read the same tensor: compute its statistic once
@@ -79,7 +108,13 @@ class _NormCollector:
             else:
                 xs = x.reshape(-1, x.shape[-1])  # [tokens, in]
                 owned = True  # xs a temporary copy
-                if self._weights is not None:
+                if vision:
+                    rows = self.vision_rows(xs.shape[0])
+                    if rows is None:
+                        owned = False
+                    else:
+                        xs = xs.index_select(0, rows.to(x.device))
+                elif self._weights is not None:
                     w = self._weights.to(x.device, x.dtype)  # 0 or 1: exact in any dtype
                     xs = xs * w[:, None]
                 elif self._rows is not None:
@@ -115,6 +150,39 @@ def _token_selection(batch: Any, tokens: str) -> torch.Tensor:
     return batch.inputs["attention_mask"].bool()
 
 
+def vision_tiles(inputs: dict[str, Any]) -> torch.Tensor | None:
+    """Bool ``[batch, images, tiles]``: the image tiles some real token of the row may attend
+    to (Mllama's ``cross_attention_mask`` ``[batch, seq, images, tiles]``); None without one."""
+    cam = inputs.get("cross_attention_mask")
+    if cam is None:
+        return None
+    tokens = inputs["attention_mask"].bool()[:, :, None, None]
+    return (cam.bool() & tokens).any(dim=1)
+
+
+def _vision_inputs(loaded: LoadedModel) -> frozenset[str]:
+    """The linears that read vision states: ``k_proj`` and ``v_proj`` of cross-attention."""
+    a = loaded.adapter
+    return frozenset(a.linear_name(l, p) for l in a.cross_layers for p in ("k_proj", "v_proj"))
+
+
+def _check_all_ran(loaded: LoadedModel, names: Sequence[str], seen: set[str]) -> None:
+    """Raise when some linears saw no calibration input (Mllama's cross-attention layers skip
+    inputs without an image)."""
+    missing = [n for n in names if n not in seen]
+    if not missing:
+        return
+    a = loaded.adapter
+    layers = sorted({a.parse(n)[0] for n in missing})
+    if all(a.layer_kind(l) == "cross" for l in layers):
+        raise ValueError(
+            f"the cross-attention layers {layers} never ran on the calibration samples: "
+            "Llama-3.2-Vision runs them only for inputs with an image; give samples with "
+            "images (the pipeline gives a vision model typographic ones)"
+        )
+    raise ValueError(f"no calibration statistics for {missing[:3]}: those linears never ran")
+
+
 def wanda_norms(
     loaded: LoadedModel,
     samples: Sequence[Sample],
@@ -137,7 +205,7 @@ def wanda_norms(
     """
     a = loaded.adapter
     modules = {name: mod for name, _, _, mod in a.iter_linears()}
-    collector = _NormCollector(modules)
+    collector = _NormCollector(modules, _vision_inputs(loaded))
     device = loaded.device
     n_batches = -(-len(samples) // cfg.batch_size)
     with HookSet() as hooks, torch.inference_mode():
@@ -148,7 +216,8 @@ def wanda_norms(
         ):
             check_stop(should_stop)
             batch = batch.to(device)
-            if not collector.set_batch(_token_selection(batch, cfg.tokens)):
+            tiles = vision_tiles(batch.inputs)
+            if not collector.set_batch(_token_selection(batch, cfg.tokens), tiles):
                 continue
             forward_decoder_only(loaded.model, a, batch.inputs)
     if not collector.sums:
@@ -156,6 +225,7 @@ def wanda_norms(
             "no calibration tokens were selected: the samples have no responses; "
             "give answers or use tokens='all'"
         )
+    _check_all_ran(loaded, list(modules), set(collector.sums))
     return collector.norms()
 
 
@@ -325,23 +395,28 @@ def sequential_masks(
     states: list[torch.Tensor] = []
     kwargs: list[list[dict[str, Any]]] = []
     selects: list[torch.Tensor] = []
+    tiles: list[torch.Tensor | None] = []
     for batch in iter_batches(loaded, samples, cfg.batch_size):
         batch = batch.to(device)
         rec = record_layers(loaded.model, a, batch.inputs, every_input=False, final=False)
         states.append(rec.inputs[0])
-        kwargs.append(rec.kwargs)
+        kwargs.append(rec.kwargs)  # None for a layer the batch skips (Mllama, no image)
         selects.append(_token_selection(batch, cfg.tokens))
+        tiles.append(vision_tiles(batch.inputs))
     masks: Masks = {}
+    vision_inputs = _vision_inputs(loaded)
+    ran = [[b for b in range(len(states)) if kwargs[b][l] is not None] for l in range(a.num_layers)]
     for layer in bar(range(a.num_layers), desc="Sequential Wanda", unit="layer"):
         check_stop(should_stop)
         linears = {n: m for n, l, _, m in a.iter_linears() if l == layer}
-        collector = _NormCollector(linears)
+        collector = _NormCollector(linears, vision_inputs)
         with HookSet() as hooks, torch.inference_mode():
             for n, m in linears.items():
                 hooks.pre(m, collector.hook(n))
-            for b in range(len(states)):
-                collector.set_batch(selects[b])
+            for b in ran[layer]:
+                collector.set_batch(selects[b], tiles[b])
                 run_layer(a.layers[layer], states[b], kwargs[b][layer])
+        _check_all_ran(loaded, list(linears), set(collector.sums))
         norms = collector.norms()
         for n, v in norms.items():
             check_finite(n, v)
@@ -350,9 +425,8 @@ def sequential_masks(
             mask = mask_from_scores(wanda_score(m.weight, norms[n]), cfg)
             layer_masks[n] = PackedMask.pack(mask, mask_count(mask.shape, cfg))
         with _pruned_layer(linears, layer_masks), torch.inference_mode():
-            states = [
-                run_layer(a.layers[layer], states[b], kwargs[b][layer]) for b in range(len(states))
-            ]
+            for b in ran[layer]:
+                states[b] = run_layer(a.layers[layer], states[b], kwargs[b][layer])
         masks.update(layer_masks)
     return masks
 

@@ -47,13 +47,21 @@ def tiny_llava(cache_root: Path):
     return load_model("builtin:tiny-llava-next", cache_dir=cache_root)
 
 
-@pytest.fixture(params=["gqa", "mha", "llava"])
+@pytest.fixture
+def tiny_mllama(cache_root: Path):
+    """The built-in tiny Llama-3.2-Vision (tiled vision tower; 4 decoder layers, layer 2 a
+    cross-attention layer)."""
+    return load_model("builtin:tiny-mllama", cache_dir=cache_root)
+
+
+@pytest.fixture(params=["gqa", "mha", "llava", "mllama"])
 def any_tiny(request: pytest.FixtureRequest, cache_root: Path, mha_folder: Path):
     """Each tiny architecture in turn."""
     name = {
         "gqa": "builtin:tiny-llama",
         "mha": str(mha_folder),
         "llava": "builtin:tiny-llava-next",
+        "mllama": "builtin:tiny-mllama",
     }[request.param]
     return load_model(name, cache_dir=cache_root)
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from hsr_core.config import ConfigError, ModelSpec, RealignConfig, WandaConfig
-from hsr_core.data import builtin_calibration
+from hsr_core.data import builtin_calibration, with_typographic_images
 from hsr_core.heads import Head
 from hsr_core.models import ATTN_PROJS, load_model
 from hsr_core.realign import RankCache, head_rank_points, restore_set
@@ -19,8 +19,10 @@ from hsr_core.wanda import prune_masks, wanda_norms, wanda_score
 def setup(loaded, seed: int = 0):
     calib = builtin_calibration()
     cfg = WandaConfig(sparsity=0.5, batch_size=4)
-    safety = wanda_norms(loaded, calib.safety[:4], cfg)
-    utility = wanda_norms(loaded, calib.utility[:4], cfg)
+    # images for a vision model, as the pipeline gives (Mllama's cross-attention needs one)
+    images = with_typographic_images if loaded.is_vision else list
+    safety = wanda_norms(loaded, images(calib.safety[:4]), cfg)
+    utility = wanda_norms(loaded, images(calib.utility[:4]), cfg)
     masks = prune_masks(loaded, utility, cfg)
     g = torch.Generator().manual_seed(seed)
     scores = torch.rand(loaded.adapter.num_layers, loaded.adapter.num_heads, generator=g)

@@ -27,8 +27,13 @@ def samples(n: int = 6):
 
 
 def naive_norms(loaded, data, tokens: str = "response") -> dict[str, torch.Tensor]:
-    """One sample at a time; keep every linear's full input and take column norms at the end."""
+    """One sample at a time; keep every linear's full input and take column norms at the end.
+
+    Mllama's cross-attention k/v read the vision states ``[images * tiles, patches, hidden]``:
+    their rows are every patch of the tiles some token of the sample may attend to."""
     inputs_seen: dict[str, list[torch.Tensor]] = {}
+    a = loaded.adapter
+    vision = {a.linear_name(l, p) for l in a.cross_layers for p in ("k_proj", "v_proj")}
     for s in data:
         inputs, plen, rlen = encode_one(loaded, s)
         keep = torch.zeros(inputs["input_ids"].shape[1], dtype=torch.bool)
@@ -36,14 +41,19 @@ def naive_norms(loaded, data, tokens: str = "response") -> dict[str, torch.Tenso
             keep[plen : plen + rlen] = True
         else:
             keep[:] = True
+
+        def grab(_m, args, name, keep=keep, inputs=inputs):
+            x = args[0]
+            if name in vision:
+                seen = inputs["cross_attention_mask"][0].bool().any(dim=0).reshape(-1)
+                rows = x[seen].reshape(-1, x.shape[-1])
+            else:
+                rows = x[0][keep]
+            inputs_seen.setdefault(name, []).append(rows.clone())
+
         with HookSet() as hooks, torch.no_grad():
             for name, _, _, mod in loaded.adapter.iter_linears():
-                hooks.pre(
-                    mod,
-                    lambda _m, args, name=name, keep=keep: inputs_seen.setdefault(name, []).append(
-                        args[0][0][keep].clone()
-                    ),
-                )
+                hooks.pre(mod, lambda _m, args, name=name: grab(_m, args, name))
             loaded.model(**inputs)
     return {
         n: torch.linalg.vector_norm(torch.cat(xs).double(), dim=0).float()
@@ -79,8 +89,8 @@ def test_both_statistic_paths_equal_naive(tiny_llama, tokens, weighted, fused, m
     hooked = []
     original = wanda._NormCollector.set_batch
 
-    def spy(self, select):
-        out = original(self, select)
+    def spy(self, select, *rest):
+        out = original(self, select, *rest)
         hooked.append((self._rows, self._weights))
         return out
 
