@@ -38,6 +38,10 @@ Frantar & Alistarh, arXiv 2301.00774, Algorithm 1; the reference is IST-DASLab/s
   already-pruned layers before it; within a layer every linear's Hessian comes from the same
   (dense) pass of that layer; then the layer runs again with its pruned, updated weights to
   give the next layer's inputs. SparseGPT has no one-shot form, so ``cfg.mode`` is not read.
+- **Llama-3.2-Vision**: as Wanda (``hsr_core.wanda``), the ``k_proj`` / ``v_proj`` of a
+  cross-attention layer read the vision states, so their ``X`` is every vision token of the
+  image tiles the text may attend to, whatever the token selection; a cross-attention layer
+  runs (and is pruned from) only the batches with an image, and the others pass it unchanged.
 
 The math runs in float32 (float64 for float64 inputs) on the weight's device.
 """
@@ -58,6 +62,7 @@ from .hooks import HookSet, record_layers, run_layer
 from .masks import Masks, PackedMask
 from .models import LoadedModel
 from .progress import StopFlag, bar, check_stop
+from .wanda import vision_tiles
 
 
 class HessianError(ValueError):
@@ -237,25 +242,45 @@ class HessianCollector:
 
     Call :meth:`set_batch` before each forward pass. Linears that read the same input tensor
     (q/k/v, gate/up) share one accumulator, computed once per batch.
+
+    Args:
+        vision_inputs: the linears that read vision states (Mllama's cross-attention k/v):
+            they sum the vision tokens of the tiles the text sees, not the selected text tokens.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, vision_inputs: frozenset[str] = frozenset()) -> None:
+        self.vision_inputs = vision_inputs
         self.sums: dict[str, torch.Tensor] = {}  # float32 [in, in] per group leader
         self.counts: dict[str, int] = {}  # tokens summed per group leader
         self.alias: dict[str, str] = {}  # linear -> the leader whose input it shares
         self._rows: torch.Tensor | None = None  # flat indices of selected tokens; None: all
+        self._tiles: torch.Tensor | None = None  # CPU bool [batch * images * tiles]; None: all
         self._last: tuple[torch.Tensor, str] | None = None
 
-    def set_batch(self, select: torch.Tensor) -> bool:
-        """Take the next batch's token selection (bool ``[batch, seq]``); False if it is empty."""
+    def set_batch(self, select: torch.Tensor, tiles: torch.Tensor | None = None) -> bool:
+        """Take the next batch's token selection (bool ``[batch, seq]``) and its image tiles
+        seen by the text (bool ``[batch, images, tiles]``, ``wanda.vision_tiles``; None: every
+        vision row); False if no token is selected."""
         flat = select.reshape(-1)
         self._last = None
+        self._tiles = None if tiles is None else tiles.reshape(-1).cpu()
         rows = flat.nonzero().squeeze(1)
         self._rows = None if rows.numel() == flat.numel() else rows
         return rows.numel() > 0
 
+    def _vision_rows(self, n: int) -> torch.Tensor | None:
+        """Selected rows of ``n`` flat vision-state rows (``[batch * images * tiles *
+        patches]`` in that order, as Wanda reads them); None: all."""
+        if self._tiles is None:
+            return None
+        if n % self._tiles.numel():
+            raise RuntimeError(f"{n} vision rows do not split into {self._tiles.numel()} tiles")
+        rows = self._tiles.repeat_interleave(n // self._tiles.numel()).nonzero().squeeze(1)
+        return None if rows.numel() == n else rows
+
     def hook(self, name: str) -> Callable[..., None]:
         """The forward pre-hook for the linear ``name``."""
+        vision = name in self.vision_inputs
 
         def fn(_mod: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
             x = args[0]
@@ -267,8 +292,9 @@ class HessianCollector:
             if name in self.alias:
                 raise RuntimeError(f"{name} shares its input inconsistently across batches")
             xs = x.reshape(-1, x.shape[-1])  # [tokens, in]
-            if self._rows is not None:
-                xs = xs.index_select(0, self._rows.to(x.device))
+            rows = self._vision_rows(xs.shape[0]) if vision else self._rows
+            if rows is not None:
+                xs = xs.index_select(0, rows.to(x.device))
             xf = xs.float()
             acc = self.sums.get(name)
             if acc is None:
@@ -323,24 +349,50 @@ def hessians(
     unknown = [n for n in wanted if n not in modules]
     if unknown:
         raise KeyError(f"not decoder linears of this model: {unknown[:3]}")
-    collector = HessianCollector()
+    collector = HessianCollector(_vision_inputs(loaded))
     with HookSet() as hooks, torch.inference_mode():
         for n in wanted:
             hooks.pre(modules[n], collector.hook(n))
         for batch in iter_batches(loaded, samples, cfg.batch_size):
             check_stop(should_stop)
             batch = batch.to(loaded.device)
-            if collector.set_batch(_token_selection(batch, cfg.tokens)):
+            tiles = vision_tiles(batch.inputs)
+            if collector.set_batch(_token_selection(batch, cfg.tokens), tiles):
                 loaded.model(**batch.inputs, use_cache=False)
     if not collector.sums:
         raise ValueError(_NO_TOKENS)
-    return collector.hessians()
+    hs = collector.hessians()
+    _check_all_ran(loaded, wanted, hs)
+    return hs
 
 
 _NO_TOKENS = (
     "no calibration tokens were selected: the samples have no responses; "
     "give answers or use tokens='all'"
 )
+
+
+def _vision_inputs(loaded: LoadedModel) -> frozenset[str]:
+    """The linears that read vision states: ``k_proj`` and ``v_proj`` of cross-attention."""
+    a = loaded.adapter
+    return frozenset(a.linear_name(l, p) for l in a.cross_layers for p in ("k_proj", "v_proj"))
+
+
+def _check_all_ran(loaded: LoadedModel, names: Sequence[str], seen: Mapping[str, Any]) -> None:
+    """Raise when some linears saw no calibration token (Mllama's cross-attention layers run
+    only for inputs with an image)."""
+    missing = [n for n in names if n not in seen]
+    if not missing:
+        return
+    a = loaded.adapter
+    layers = sorted({a.parse(n)[0] for n in missing})
+    if all(a.layer_kind(l) == "cross" for l in layers):
+        raise ValueError(
+            f"the cross-attention layers {layers} never ran on the calibration samples: "
+            "Llama-3.2-Vision runs them only for inputs with an image; give samples with "
+            "images (the pipeline gives a vision model typographic ones)"
+        )
+    raise ValueError(f"no calibration tokens reached {missing[:3]}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -423,8 +475,9 @@ def sparsegpt_masks(
     n, m = (cfg.n, cfg.m) if cfg.structure == "n:m" else (0, 0)
     device = loaded.device
     states: list[torch.Tensor] = []
-    kwargs: list[list[dict[str, Any]]] = []
+    kwargs: list[list[dict[str, Any] | None]] = []  # None: a layer the batch skips (Mllama)
     selects: list[torch.Tensor] = []
+    tiles: list[torch.Tensor | None] = []
     for batch in iter_batches(loaded, samples, cfg.batch_size):
         check_stop(should_stop)
         batch = batch.to(device)
@@ -432,25 +485,27 @@ def sparsegpt_masks(
         states.append(rec.inputs[0])
         kwargs.append(rec.kwargs)
         selects.append(_token_selection(batch, cfg.tokens))
+        tiles.append(vision_tiles(batch.inputs))
     if not any(bool(s.any()) for s in selects):
         raise ValueError(_NO_TOKENS)
+    vision_inputs = _vision_inputs(loaded)
     masks: Masks = {}
     for layer in bar(range(a.num_layers), desc="SparseGPT", unit="layer"):
         check_stop(should_stop)
+        ran = [b for b in range(len(states)) if kwargs[b][layer] is not None]
         linears = {name: mod for name, l, _, mod in a.iter_linears() if l == layer}
-        collector = HessianCollector()
+        collector = HessianCollector(vision_inputs)
         with HookSet() as hooks, torch.inference_mode():
             for name, mod in linears.items():
                 hooks.pre(mod, collector.hook(name))
-            for b in range(len(states)):
-                if collector.set_batch(selects[b]):
+            for b in ran:
+                if collector.set_batch(selects[b], tiles[b]):
                     run_layer(a.layers[layer], states[b], kwargs[b][layer])
         hs = collector.hessians()
+        _check_all_ran(loaded, list(linears), hs)
         pruned: dict[str, torch.Tensor] = {}
         for name, mod in linears.items():
             check_stop(should_stop)
-            if name not in hs:
-                raise ValueError(f"no calibration tokens reached {name}")
             try:
                 w, mask = sparsegpt_linear(
                     mod.weight,
@@ -474,8 +529,7 @@ def sparsegpt_masks(
             del mask
         del hs
         with _weights_swapped(linears, pruned), torch.inference_mode():
-            states = [
-                run_layer(a.layers[layer], states[b], kwargs[b][layer]) for b in range(len(states))
-            ]
+            for b in ran:
+                states[b] = run_layer(a.layers[layer], states[b], kwargs[b][layer])
         del pruned
     return masks

@@ -284,6 +284,38 @@ def test_hessians_of_linears_reading_one_input_are_one_tensor(tiny_llama):
     assert hs[names[3]] is not hs[names[0]] and hs[names[3]].dtype == torch.float32
 
 
+def test_cross_attention_keys_and_values_read_the_seen_vision_tiles(tiny_mllama):
+    """Llama-3.2-Vision: a cross-attention layer's k/v Hessians sum the vision tokens of the
+    tiles some text token attends to (padding tiles left out), one sample at a time by hand."""
+    loaded = tiny_mllama
+    a = loaded.adapter
+    (layer,) = a.cross_layers
+    k_name, q_name = a.linear_name(layer, "k_proj"), a.linear_name(layer, "q_proj")
+    data = calibration(loaded, 3)
+    xs = []
+    for s in data:
+        inputs, _, _ = encode_one(loaded, s)
+        seen = inputs["cross_attention_mask"][0].bool().any(dim=0).reshape(-1)  # [images*tiles]
+        assert not bool(seen.all())  # the tiny model's images have a padding tile
+        with HookSet() as hooks, torch.no_grad():
+            hooks.pre(
+                a.linear(layer, "k_proj"),
+                lambda _m, args, seen=seen: xs.append(
+                    args[0].reshape(seen.numel(), -1, args[0].shape[-1])[seen].flatten(0, 1)
+                ),
+            )
+            loaded.model(**inputs)
+    X = torch.cat(xs).double()
+    hand = (2 / X.shape[0] * X.T @ X).float()
+    hs = hessians(loaded, data, WandaConfig(batch_size=2), names=[q_name, k_name])
+    assert torch.allclose(hs[k_name], hand, rtol=1e-4, atol=1e-5)
+    assert hs[q_name].shape == hand.shape and not torch.allclose(hs[q_name], hand)
+    with pytest.raises(ValueError, match="cross-attention layers .* image"):
+        sparsegpt_masks(
+            loaded, builtin_calibration().utility[:2], WandaConfig(), out=empty_out(loaded)
+        )
+
+
 def test_stop_and_errors_leave_the_dense_weights(tiny_llama, monkeypatch):
     loaded = tiny_llama
     data = calibration(loaded, 4)
