@@ -23,6 +23,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from .hub import hub_offline, hub_reachable
+
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 BUILTIN_DIR = ASSETS / "data"
 COLUMNS = ("prompt", "response", "image", "harmful")
@@ -310,10 +312,11 @@ def load_table(
         )
     if str(source).endswith((".json", ".jsonl", ".csv")):
         raise DataError(f"no data file {source}")
+    where = _hub_dataset(str(source))
     try:
         import datasets
 
-        ds = datasets.load_dataset(str(source), split=split)
+        ds = datasets.load_dataset(where, split=split)
     except Exception as e:
         raise DataError(
             f"could not load dataset {source!r} (split {split!r}) from the hub: "
@@ -322,6 +325,31 @@ def load_table(
     return rows_to_samples(
         list(ds), str(source), columns, need_response=need_response, image_paths=image_paths
     )
+
+
+def _hub_dataset(repo_id: str) -> str:
+    """Where ``datasets`` loads a hub dataset from: the id when the hub answers, else the
+    dataset's snapshot in the local hub cache, read as a folder.
+
+    Asked first because, with no network, ``datasets`` retries for about 20 s before it fails.
+
+    Raises:
+        DataError: the hub cannot be reached (``HF_HUB_OFFLINE``, or no connection) and the
+            dataset is not in the local hub cache.
+    """
+    if hub_reachable():
+        return repo_id
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(repo_id, repo_type="dataset", local_files_only=True)
+    except Exception:  # not cached, or not a valid id: either way nothing to load offline
+        why = "HF_HUB_OFFLINE is set" if hub_offline() else "no connection to it"
+        raise DataError(
+            f"The Hugging Face hub is unreachable ({why}) and the dataset {repo_id!r} is not in "
+            "the local hub cache: use a local JSON, JSONL or CSV file instead (or connect, "
+            "and load it once to cache it)."
+        ) from None
 
 
 VLGUARD_POOLS = ("reference", "all")

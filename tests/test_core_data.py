@@ -111,11 +111,59 @@ def test_malformed_rows_name_file_and_row(tmp_path):
         load_calibration(str(img))
 
 
-def test_hub_dataset_offline_is_a_clear_error(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+def _no_download(*_args, **_kwargs):
+    raise AssertionError("datasets was asked for a hub dataset while the hub is unreachable")
+
+
+def test_hub_dataset_offline_is_a_clear_error(monkeypatch, offline_hub, tmp_path):
+    """HF_HUB_OFFLINE and nothing cached: refused at once with what to do, before ``datasets``
+    is asked (with no network it retries for about 20 s)."""
+    import datasets
+
+    offline_hub(tmp_path / "hub")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    with pytest.raises(DataError, match="could not load dataset 'someone/no-such-dataset'"):
+    monkeypatch.setattr(datasets, "load_dataset", _no_download)
+    with pytest.raises(DataError) as e:
         load_table("someone/no-such-dataset")
+    assert str(e.value) == (
+        "The Hugging Face hub is unreachable (HF_HUB_OFFLINE is set) and the dataset "
+        "'someone/no-such-dataset' is not in the local hub cache: use a local JSON, JSONL or "
+        "CSV file instead (or connect, and load it once to cache it)."
+    )
+
+
+def test_hub_dataset_without_a_connection_is_refused_at_once(monkeypatch, tmp_path):
+    """No HF_HUB_OFFLINE but no connection: the quick check answers, ``datasets`` is never
+    asked."""
+    import datasets
+    from huggingface_hub import constants
+
+    from hsr_core import data
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(data, "hub_reachable", lambda: False)
+    monkeypatch.setattr(datasets, "load_dataset", _no_download)
+    with pytest.raises(DataError, match=r"unreachable \(no connection to it\) .* use a local"):
+        load_table("someone/no-such-dataset")
+
+
+def test_a_cached_hub_dataset_loads_offline(monkeypatch, offline_hub, tmp_path):
+    """Offline, a dataset in the local hub cache is read from its snapshot folder."""
+    cache = offline_hub(tmp_path / "hub")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets-cache"))
+    repo = cache / "datasets--someone--cached-set"
+    commit = "0" * 40
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    rows = [{"prompt": f"p{i}", "response": f"r{i}", "harmful": i % 2 == 0} for i in range(4)]
+    (snapshot / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    samples = load_table("someone/cached-set")
+    assert [s.prompt for s in samples] == ["p0", "p1", "p2", "p3"]
+    assert [s.harmful for s in samples] == [True, False, True, False]
 
 
 def make_vlguard(folder):

@@ -418,7 +418,7 @@ def test_data_from_the_server_is_refused(url: str, tmp_path: Path) -> None:
             c.predict(
                 source=source, location=location, columns="", upload=None, api_name="/load_data"
             )
-    with pytest.raises(AppError, match="could not load dataset 'org/allowed-data'"):
+    with pytest.raises(AppError, match="the dataset 'org/allowed-data' is not in the local hub"):
         c.predict(  # allowed: it gets as far as the (offline) hub
             source="hub dataset",
             location="org/allowed-data",
