@@ -432,6 +432,47 @@ def _auto_class(config: Any):
     )
 
 
+def load_processor(path: Path, config: Any, *, trust_remote_code: bool = False) -> Any:
+    """The multimodal processor of a vision-language model folder.
+
+    transformers builds the processors of Qwen2-VL and Qwen2.5-VL with a video processor that
+    needs torchvision, which this project does not install (its PyPI build wants another torch).
+    HSR only ever sends images, so without torchvision (or when the folder has no video
+    processor) the same processor class is built without its video processor; any other
+    failure is raised as is.
+
+    Raises:
+        ModelLoadError: torchvision is missing and the processor cannot do without it.
+    """
+    from transformers import AutoProcessor
+    from transformers.models.auto.processing_auto import (
+        PROCESSOR_MAPPING_NAMES,
+        processor_class_from_name,
+    )
+
+    try:
+        return AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (ImportError, OSError) as e:
+        # ImportError: the video processor needs torchvision; OSError: the folder was saved by
+        # such an image-only processor (e.g. an export of this project) and has no video part
+        if "torchvision" not in str(e).lower() and "video processor" not in str(e).lower():
+            raise
+        name = PROCESSOR_MAPPING_NAMES.get(getattr(config, "model_type", None))
+        cls = processor_class_from_name(name) if name else None
+        if cls is None or "video_processor" not in cls.get_attributes():
+            raise ModelLoadError(
+                f"The processor of {path} needs torchvision (`pip install torchvision`): {e}"
+            ) from e
+
+    class ImageOnly(cls):  # type: ignore[misc, valid-type]
+        @classmethod
+        def get_attributes(cls) -> list[str]:
+            return [a for a in super().get_attributes() if a != "video_processor"]
+
+    ImageOnly.__name__ = ImageOnly.__qualname__ = cls.__name__
+    return ImageOnly.from_pretrained(path, trust_remote_code=trust_remote_code)
+
+
 def check_supported(path: Path, *, trust_remote_code: bool = False) -> None:
     """Raise ``ArchitectureError`` when HSR cannot map a model folder, without loading weights.
 
@@ -470,7 +511,7 @@ def load_model(
         ModelLoadError: what to do when the model cannot be found or loaded.
         ArchitectureError: when the architecture cannot be mapped.
     """
-    from transformers import AutoConfig, AutoProcessor, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     if isinstance(spec, str):
         spec = ModelSpec(name=spec)
@@ -497,7 +538,7 @@ def load_model(
     model.eval()
     adapter = build_adapter(model)
     if is_vision:
-        processor = AutoProcessor.from_pretrained(path, trust_remote_code=spec.trust_remote_code)
+        processor = load_processor(path, config, trust_remote_code=spec.trust_remote_code)
         tokenizer = processor.tokenizer
     else:
         processor = None

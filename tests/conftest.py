@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import BUILDERS
 
 from hsr_core.builtin import save_tiny_llama
 from hsr_core.models import load_model
@@ -54,15 +55,31 @@ def tiny_mllama(cache_root: Path):
     return load_model("builtin:tiny-mllama", cache_dir=cache_root)
 
 
-@pytest.fixture(params=["gqa", "mha", "llava", "mllama"])
-def any_tiny(request: pytest.FixtureRequest, cache_root: Path, mha_folder: Path):
-    """Each tiny architecture in turn."""
-    name = {
+@pytest.fixture(scope="session")
+def arch_folder(tmp_path_factory: pytest.TempPathFactory, cache_root: Path):
+    """``arch_folder(name)``: the folder of the tiny model ``name`` of ``tests/tiny_models.py``
+    (Mistral, Qwen2, plain LLaVA, Qwen2-VL, Qwen2.5-VL), built on first use in the session."""
+    made: dict[str, Path] = {}
+
+    def folder(name: str) -> Path:
+        if name not in made:
+            made[name] = BUILDERS[name](tmp_path_factory.mktemp(f"tiny-{name}"))
+        return made[name]
+
+    return folder
+
+
+@pytest.fixture(params=["gqa", "mha", "llava", "mllama", *BUILDERS])
+def any_tiny(request: pytest.FixtureRequest, cache_root: Path, mha_folder: Path, arch_folder):
+    """Each tiny architecture in turn: every one ``hsr_core.models.SUPPORTED`` names
+    (``llava`` is LLaVA-NeXT, ``plain-llava`` LlavaForConditionalGeneration)."""
+    names = {
         "gqa": "builtin:tiny-llama",
         "mha": str(mha_folder),
         "llava": "builtin:tiny-llava-next",
         "mllama": "builtin:tiny-mllama",
-    }[request.param]
+    }
+    name = names.get(request.param) or str(arch_folder(request.param))
     return load_model(name, cache_dir=cache_root)
 
 

@@ -96,3 +96,36 @@ def test_unsupported_architectures(tmp_path, cache_root):
         load_model(str(vit), cache_dir=cache_root)
     with pytest.raises(ArchitectureError):
         build_adapter(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+
+
+@pytest.mark.parametrize("arch", ["qwen2-vl", "qwen2.5-vl"])
+def test_qwen_vl_processor_without_torchvision(arch, arch_folder, tmp_path):
+    """Qwen2-VL's processor holds a video processor that needs torchvision, which the project
+    does not install: the loader builds it for images only, from a folder that names a video
+    processor (as the hub's do) or one that has none (as an export of this project)."""
+    import json
+    import shutil
+
+    folder = shutil.copytree(arch_folder(arch), tmp_path / arch)
+    cfg_file = folder / "processor_config.json"
+    cfg = json.loads(cfg_file.read_text())
+    cfg["video_processor"] = {
+        "video_processor_type": "Qwen2VLVideoProcessor",
+        "patch_size": 8,
+        "merge_size": 2,
+        "temporal_patch_size": 2,
+    }
+    cfg_file.write_text(json.dumps(cfg))
+    loaded = load_model(str(folder))
+    assert type(loaded.processor).__name__ == cfg["processor_class"]
+    from hsr_core.data import render_text_image
+
+    inputs = loaded.processor(
+        text="<|vision_start|><|image_pad|><|vision_end|>hi", images=render_text_image("hi")
+    )
+    assert inputs["image_grid_thw"].tolist() == [[1, 4, 4]]  # 32x32 pixels, 8-pixel patches
+    # any other failure to load the processor is not hidden
+    del cfg["image_processor"]
+    cfg_file.write_text(json.dumps(cfg))
+    with pytest.raises(OSError, match="image processor"):
+        load_model(str(folder))

@@ -106,7 +106,12 @@ def test_every_transition_equals_independent_weights(world, tmp_path):
     restored weights not written back on pruned -> realigned or original -> realigned,
     restored weights left in place on realigned -> pruned, the dense copy not fully written
     back on realigned/pruned -> original, and ``dense_weight`` returning the current weight."""
-    w = world
+    run_every_transition(world, tmp_path)
+
+
+def run_every_transition(w: World, tmp_path) -> None:
+    """Every switch between the three variants, checked against ``w.expected`` (also run on
+    every architecture by test_core_archs)."""
     v = Variants(w.loaded, scratch=tmp_path)
     v.set_masks(w.masks)
     w.check(v, "original")
