@@ -169,6 +169,32 @@ def test_heatmap_marks_heads_with_their_rank() -> None:
     assert list(marks.x) == [1, 0] and list(marks.y) == [2, 0]
     assert [c[0] for c in marks.customdata] == [1, 2]
     assert tuple(fig.layout.yaxis.range) == (2.5, -0.5)  # layer 0 at the top
+    assert list(fig.layout.yaxis.ticktext) == ["0", "1", "2"]
+    assert np.asarray(heat.customdata)[1, 0] == "self-attention"
+
+
+def test_heatmap_tells_cross_attention_layers_apart() -> None:
+    """Llama-3.2-Vision's cross-attention layers: "2 (cross)" on the axis and in the hover."""
+    from ui.figures import heads_heatmap
+
+    fig = heads_heatmap(np.ones((4, 2)), layer_kinds=["self", "self", "cross", "self"])
+    heat = fig.data[0]
+    assert list(fig.layout.yaxis.tickvals) == [0, 1, 2, 3]
+    assert list(fig.layout.yaxis.ticktext) == ["0", "1", "2 (cross)", "3"]
+    assert np.asarray(heat.customdata)[:, 1].tolist() == [
+        "self-attention",
+        "self-attention",
+        "cross-attention",
+        "self-attention",
+    ]
+    assert "%{customdata}" in heat.hovertemplate
+    many = heads_heatmap(
+        np.ones((40, 2)), layer_kinds=["cross" if l % 5 == 3 else "self" for l in range(40)]
+    )
+    labels = dict(zip(many.layout.yaxis.tickvals, many.layout.yaxis.ticktext, strict=True))
+    assert labels[3] == "3 (cross)" and labels[38] == "38 (cross)" and 1 not in labels
+    with pytest.raises(ValueError, match="3 layer kinds for 4 layers"):
+        heads_heatmap(np.ones((4, 2)), layer_kinds=["self"] * 3)
 
 
 def test_head_ranks_figure_bins_every_weight_and_draws_the_band() -> None:
@@ -607,14 +633,14 @@ def test_each_pruner_through_the_api(session: Client) -> None:
         assert s["pruning"]["config"]["pruner"] == pruner
         out = realign(session, p=0.3, q=0.8, max_p=0.9)
         assert out["restore"]["restored"] > 0
-    with pytest.raises(AppError, match="snip has no sequential mode"):
+    with pytest.raises(AppError, match="magnitude has no sequential mode"):
         session.predict(
             sparsity=0.5,
             structure="unstructured",
             mode="sequential",
             num_samples=16,
             recompute=False,
-            pruner="snip",
+            pruner="magnitude",
             api_name="/prune",
         )
     prune(session)  # back to Wanda 50% for the later tests
