@@ -112,6 +112,7 @@ def heads_heatmap(
     title: str = "Ships score per head",
     score_label: str = "score",
     marked_label: str = "top heads",
+    layer_kinds: Sequence[str] | None = None,
 ) -> go.Figure:
     """Heatmap of head scores, layers on y and heads on x, with some heads circled.
 
@@ -121,9 +122,19 @@ def heads_heatmap(
         title: figure title.
         score_label: colour bar title and hover name of the score (e.g. "angle (deg)").
         marked_label: legend entry of the circled heads.
+        layer_kinds: ``"self"`` or ``"cross"`` per layer (``ModelAdapter.layer_kinds``):
+            cross-attention layers (Llama-3.2-Vision) are labelled "3 (cross)" on the y axis
+            and named in the hover.
     """
     scores = np.asarray(scores, dtype=float)
     L, H = scores.shape
+    kinds = list(layer_kinds) if layer_kinds is not None else ["self"] * L
+    if len(kinds) != L:
+        raise ValueError(f"{len(kinds)} layer kinds for {L} layers")
+    cross = [l for l, k in enumerate(kinds) if k == "cross"]
+    attention = [["cross-attention" if k == "cross" else "self-attention"] * H for k in kinds]
+    step = 1 if L <= 16 else (2 if L <= 40 else 5)
+    ticks = sorted(set(range(0, L, step)) | set(cross))
     data: list[dict[str, Any]] = [
         {
             "type": "heatmap",
@@ -132,7 +143,11 @@ def heads_heatmap(
             "y": np.arange(L),
             "colorscale": "Blues",
             "colorbar": {"title": {"text": score_label, "side": "right"}, "thickness": 12},
-            "hovertemplate": f"layer %{{y}} · head %{{x}}<br>{score_label} %{{z:.4g}}<extra></extra>",
+            "customdata": attention,
+            "hovertemplate": (
+                f"layer %{{y}} · head %{{x}} · %{{customdata}}<br>{score_label} %{{z:.4g}}"
+                "<extra></extra>"
+            ),
             "xgap": 1,
             "ygap": 1,
             "showscale": True,
@@ -172,9 +187,10 @@ def heads_heatmap(
             "zeroline": False,
         },
         yaxis={
-            "title": {"text": "layer"},
+            "title": {"text": "layer" + (" (cross: cross-attention)" if cross else "")},
             "range": [L - 0.5, -0.5],  # layer 0 at the top
-            "dtick": 1 if L <= 16 else (2 if L <= 40 else None),
+            "tickvals": ticks,
+            "ticktext": [f"{l} (cross)" if kinds[l] == "cross" else str(l) for l in ticks],
             "showgrid": False,
             "zeroline": False,
         },

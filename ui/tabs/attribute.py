@@ -63,6 +63,7 @@ def attribute(
             pipeline.top_heads(new.scores, top),
             score_label=figures.score_label(cfg.metric),
             marked_label=f"top {top}",
+            layer_kinds=loaded.adapter.layer_kinds(),
         ),
         "ships_table": figures.ranking_table(scores),
     }

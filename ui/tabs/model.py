@@ -28,11 +28,13 @@ MODEL_PRESETS = [
     "builtin:smollm2-135m",
     "builtin:tiny-llama",
     "builtin:tiny-llava-next",
+    "builtin:tiny-mllama",
     "llava-hf/llava-interleave-qwen-0.5b-hf",
     "llava-hf/llava-v1.6-vicuna-7b-hf",
     "llava-hf/llava-v1.6-mistral-7b-hf",
     "llava-hf/llama3-llava-next-8b-hf",
     "Qwen/Qwen2-VL-7B-Instruct",
+    "meta-llama/Llama-3.2-11B-Vision-Instruct",
 ]
 DEVICES = ["auto", "cpu", "cuda"]
 
@@ -46,6 +48,11 @@ def _describe(info: dict[str, Any]) -> str:
             f"({info['decoder_linear_parameters'] / 1e6:,.1f} M in decoder linears)",
         ),
         ("layers", info["num_layers"]),
+        *(
+            [("cross-attention layers", ", ".join(map(str, cross)))]
+            if (cross := info.get("cross_attention_layers"))
+            else []
+        ),
         (
             "heads",
             f"{info['num_heads']} query, {info['num_kv_heads']} KV ({info['attention']}), "

@@ -134,6 +134,7 @@ def realign_view(
             title=f"Selected heads: top {cfg.top_h} by Ships",
             score_label=score_label,
             marked_label=f"selected ({len(rs.heads)})",
+            layer_kinds=a.layer_kinds(),
         ),
         "realign_bars": figures.restored_bars({h.label: rs.per_head[h] for h in rs.heads}),
         "head_plot": detail,
