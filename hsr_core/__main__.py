@@ -124,6 +124,19 @@ def _add_common(p: argparse.ArgumentParser, command: str) -> None:
     s.add_argument("--r-main", type=int, default=1, help="singular directions summed (default 1)")
     s.add_argument("--ships-batch", type=int, default=16, help="ablated copies per batch")
     s.add_argument(
+        "--ships-mode",
+        default="exact",
+        choices=["exact", "screen"],
+        help="exact (the paper's) or screen (our extension: every head estimated from one "
+        "backward pass per prompt, exact Ships on the best --ships-candidates x top_h only)",
+    )
+    s.add_argument(
+        "--ships-candidates",
+        type=int,
+        default=3,
+        help="screen mode: exact Ships re-scores this many times top_h heads (default 3)",
+    )
+    s.add_argument(
         "--heads", type=Path, default=None, help="use this heads.jsonl instead of running Ships"
     )
 
@@ -148,8 +161,9 @@ def _add_common(p: argparse.ArgumentParser, command: str) -> None:
         "--mode",
         default=None,
         choices=["one-shot", "sequential"],
-        help="default: the pruner's own (wanda one-shot, sparsegpt sequential; snip and "
-        "magnitude have only one-shot)",
+        help="default: the pruner's own (wanda one-shot; sparsegpt sequential, its only mode; "
+        "snip sequential, as Wei et al.'s prune_wandg, or one-shot; magnitude one-shot only); "
+        "grid: each pruner in this mode where it has it",
     )
     w.add_argument(
         "--tokens",
@@ -290,7 +304,13 @@ def run_config(args: argparse.Namespace, total_heads: int | None = None) -> RunC
         columns=args.columns,
         utility_data=args.utility_data,
         ships=ShipsConfig(
-            args.ships_samples, args.ablation, args.metric, args.r_main, args.ships_batch
+            args.ships_samples,
+            args.ablation,
+            args.metric,
+            args.r_main,
+            args.ships_batch,
+            mode=args.ships_mode,
+            candidates=args.ships_candidates,
         ),
         wanda=WandaConfig(
             sparsity=args.sparsity,
@@ -339,6 +359,7 @@ def run_grid_command(
             run.realign,
             run.eval,
             judge=judge_model(args, cache_root, log),
+            mode=args.mode,
             scratch=scratch,
             log=log,
         )
@@ -394,7 +415,15 @@ def say_estimate(
         pl.calibration_samples(loaded, calib, run.wanda) if command != "attribute" else ([], [])
     )
     est = pl.estimate(
-        loaded, probes, run.ships, safety, utility, run.wanda, cache, recompute=args.recompute
+        loaded,
+        probes,
+        run.ships,
+        safety,
+        utility,
+        run.wanda,
+        cache,
+        recompute=args.recompute,
+        top_h=run.realign.top_h,
     )
     total = est["attribute"] + est["calibrate"]
     if total > ESTIMATE_SAY_S:
@@ -473,11 +502,16 @@ def execute(command: str, args: argparse.Namespace) -> dict[str, Any]:
                 pl.probe_prompts(loaded, calib, run.ships),
                 run.ships,
                 cache,
+                top_h=run.realign.top_h,
                 recompute=args.recompute,
             )
             scores = r.value
             timings["attribute"], cached["attribute"] = r.seconds, r.cached
             log(f"Ships: {'from cache' if r.cached else f'{r.seconds:.1f} s'}")
+            if r.extra is not None:  # screening (our extension): which scores are exact
+                rec = pl.screen_record(r.extra, run.ships)
+                written["screen.json"] = str(pl.write_json(out / "screen.json", rec))
+                log(f"Ships screening (our extension): {rec['rescored']} heads re-scored exactly")
         written["heads.jsonl"] = str(pl.write_heads_jsonl(scores, out / "heads.jsonl"))
     if command == "attribute":
         pl.write_json(out / "summary.json", pl.summary(loaded, run, None, None, timings, cached))

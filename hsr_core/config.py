@@ -28,9 +28,14 @@ PRUNER_LABELS = {
     "magnitude": "magnitude",
 }
 """How a pruner's name is written in titles (chat columns, the model card, tables)."""
-PRUNER_MODES = {"wanda": ("one-shot", "sequential"), "sparsegpt": ("sequential",)}
-"""The modes each pruner has; a pruner not listed has only ``one-shot`` (SNIP's gradients and
-magnitude's ``|W|`` are taken from the dense model in one pass)."""
+PRUNER_MODES = {
+    "wanda": ("one-shot", "sequential"),
+    "sparsegpt": ("sequential",),
+    "snip": ("sequential", "one-shot"),
+}
+"""The modes each pruner has, its default first: SparseGPT is sequential (its reference); SNIP
+sequential as Wei et al.'s ``prune_wandg`` prunes, or one-shot from the dense model's
+gradients; a pruner not listed (magnitude, ``|W|``) has only ``one-shot``."""
 
 
 class ConfigError(ValueError):
@@ -91,6 +96,10 @@ class ShipsConfig:
         r_main: how many leading singular directions the angle sums over.
         batch_size: ablated copies of a prompt run side by side in one replay batch.
         seed: picks which probe prompts are used when there are more than ``num_samples``.
+        mode: ``exact`` ablates every head (the paper's Ships); ``screen`` (our extension, not
+            in the paper) scores every head by a first-order estimate from one backward pass
+            per prompt, then runs exact Ships on the ``candidates x top_h`` best only.
+        candidates: ``c`` of ``screen`` mode: exact Ships re-scores ``c x top_h`` heads.
     """
 
     num_samples: int = 128
@@ -99,9 +108,13 @@ class ShipsConfig:
     r_main: int = 1
     batch_size: int = 16
     seed: int = 0
+    mode: Literal["exact", "screen"] = "exact"
+    candidates: int = 3
 
     def __post_init__(self) -> None:
         _check(self.num_samples >= 1, f"num_samples must be >= 1, got {self.num_samples}")
+        _check(self.mode in ("exact", "screen"), f"unknown Ships mode {self.mode!r}")
+        _check(self.candidates >= 1, f"candidates must be >= 1, got {self.candidates}")
         _check(self.ablation in ("zero", "uniform"), f"unknown ablation {self.ablation!r}")
         _check(self.metric in ("angle", "kl"), f"unknown Ships metric {self.metric!r}")
         _check(self.r_main >= 1, f"r_main must be >= 1, got {self.r_main}")
@@ -127,7 +140,7 @@ class WandaConfig:
         n, m: the N:M pattern, e.g. 2:4.
         mode: ``one-shot`` takes all statistics from the dense model; ``sequential`` prunes
             layer by layer, each layer's statistics taken after the earlier layers are pruned
-            (Wanda has both; SparseGPT is sequential, as its reference; SNIP and magnitude are
+            (Wanda and SNIP have both; SparseGPT is sequential, as its reference; magnitude
             one-shot). ``None``: the pruner's own default (``PRUNER_MODES``, first entry).
         tokens: ``response`` counts only the answer tokens of each sample; ``all`` every token.
         num_samples: calibration samples per set (safety and utility).

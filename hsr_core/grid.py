@@ -29,10 +29,11 @@ from .evaluate import compare
 from .progress import StopFlag, check_stop
 
 
-def pruner_config(base: WandaConfig, pruner: str) -> WandaConfig:
-    """``base`` with ``pruner``; its mode kept when the pruner has it, else the pruner's own."""
+def pruner_config(base: WandaConfig, pruner: str, mode: str | None = None) -> WandaConfig:
+    """``base`` with ``pruner``, in ``mode`` when the pruner has it, else in its own default
+    mode (the first of ``PRUNER_MODES``)."""
     modes = PRUNER_MODES.get(pruner, ("one-shot",))
-    return replace(base, pruner=pruner, mode=base.mode if base.mode in modes else modes[0])
+    return replace(base, pruner=pruner, mode=mode if mode in modes else modes[0])
 
 
 def _rate(v: dict[str, Any], key: str) -> dict[str, Any]:
@@ -52,6 +53,7 @@ def run_grid(
     eval_cfg: EvalConfig,
     *,
     judge: pl.GuardJudge | None = None,
+    mode: str | None = None,
     scratch: Path | None = None,
     should_stop: StopFlag = None,
     log: Callable[[str], None] = lambda m: None,
@@ -65,7 +67,9 @@ def run_grid(
         utility: the prepared utility calibration samples (SparseGPT, SNIP, sequential Wanda).
         samples: the evaluation prompts (harmful and benign).
         pruners: names from ``config.PRUNERS``.
-        wanda: sparsity, structure, mode (kept where a pruner has it), samples.
+        wanda: sparsity, structure, token selection, samples.
+        mode: each pruner's mode where it has it (None: each pruner's own default: Wanda
+            one-shot, SparseGPT and SNIP sequential, magnitude one-shot).
         realign: the HSR settings, the same for every pruner.
         eval_cfg: generation, judge and bootstrap settings.
 
@@ -103,7 +107,7 @@ def run_grid(
     try:
         for name in pruners:
             check_stop(should_stop)
-            cfg = pruner_config(wanda, name)
+            cfg = pruner_config(wanda, name, mode)
             log(f"{PRUNER_LABELS[name]} ({cfg.mode}, {cfg.sparsity:g})")
             t0 = time.perf_counter()
             with variants.use("original") as dense:

@@ -633,14 +633,14 @@ def test_each_pruner_through_the_api(session: Client) -> None:
         assert s["pruning"]["config"]["pruner"] == pruner
         out = realign(session, p=0.3, q=0.8, max_p=0.9)
         assert out["restore"]["restored"] > 0
-    with pytest.raises(AppError, match="snip has no sequential mode"):
+    with pytest.raises(AppError, match="magnitude has no sequential mode"):
         session.predict(
             sparsity=0.5,
             structure="unstructured",
             mode="sequential",
             num_samples=16,
             recompute=False,
-            pruner="snip",
+            pruner="magnitude",
             api_name="/prune",
         )
     prune(session)  # back to Wanda 50% for the later tests

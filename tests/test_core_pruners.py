@@ -217,8 +217,10 @@ def test_pruner_modes_are_checked():
     assert WandaConfig(pruner="sparsegpt").mode == "sequential"
     assert WandaConfig().mode == "one-shot"
     assert WandaConfig(pruner="wanda", mode="sequential").mode == "sequential"
-    with pytest.raises(ConfigError, match="snip has no sequential mode"):
-        WandaConfig(pruner="snip", mode="sequential")
+    assert WandaConfig(pruner="snip").mode == "sequential"
+    assert WandaConfig(pruner="snip", mode="one-shot").mode == "one-shot"
+    with pytest.raises(ConfigError, match="magnitude has no sequential mode"):
+        WandaConfig(pruner="magnitude", mode="sequential")
     with pytest.raises(ConfigError, match="sparsegpt has no one-shot mode"):
         WandaConfig(pruner="sparsegpt", mode="one-shot")
     with pytest.raises(ConfigError, match="unknown pruner 'sparse'"):

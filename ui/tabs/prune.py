@@ -176,7 +176,7 @@ def build(c: dict[str, Any]) -> None:
                 value="one-shot",
                 label="mode",
                 info="sequential: each layer's statistics after pruning the earlier ones "
-                "(SparseGPT: sequential only; SNIP, magnitude: one-shot only)",
+                "(SparseGPT: sequential only; magnitude: one-shot only)",
                 scale=2,
             )
             c["prune_recompute"] = gr.Checkbox(
