@@ -235,6 +235,44 @@ def overlaps(a: dict[str, float], b: dict[str, float]) -> bool:
     )
 
 
+def chat_in_new_tab(page, width: int = 1280, height: int = 800) -> list:
+    """A new session with the tiny Llama loaded, on the Chat tab at ``width`` x ``height``,
+    short answers; returns the three columns."""
+    from playwright.sync_api import expect
+
+    page.set_viewport_size({"width": width, "height": height})
+    load_in_page(page, "builtin:tiny-llama")
+    expect(page.locator("#hsr-model-info")).to_contain_text("LlamaForCausalLM")
+    page.get_by_role("tab", name="5 · Chat").click()
+    tokens = page.locator("#hsr-chat-max-new input[type=number]")
+    tokens.fill("24")
+    tokens.press("Tab")
+    return [page.locator(f"#hsr-chat-{v}") for v in ("original", "pruned", "realigned")]
+
+
+def test_clicking_an_example_keeps_the_answers_in_view(fresh_page) -> None:
+    """At 1280x800, with the columns at the top of the window, the examples are in view too: a
+    click on one (the last, inside the examples' own scroll box) sends it without scrolling
+    the page, and the answers stay in view while they come."""
+    from playwright.sync_api import expect
+
+    page = fresh_page
+    columns = chat_in_new_tab(page)
+    columns[0].evaluate("e => e.scrollIntoView()")
+    before = page.evaluate("window.scrollY")
+    example = page.locator("#hsr-chat-examples").get_by_text("What is 48 times 25?")
+    example.click()
+    for column in columns:
+        expect(column).to_contain_text("What is 48 times 25?")
+    expect(columns[0].locator(".hsr-complied, .hsr-refused, .hsr-incoherent")).to_have_count(1)
+    expect(page.get_by_role("button", name="Send", exact=True)).to_be_enabled()
+    assert page.evaluate("window.scrollY") == before
+    for block in (*columns, page.locator("#hsr-chat-msg"), example):
+        box = block.bounding_box()
+        assert box and box["y"] >= -1 and box["y"] + box["height"] <= 801, box  # sub-pixel
+    shot(page, "app-chat-1280.png")
+
+
 def test_localization_ladder_through_the_browser(page) -> None:
     """After the pipeline above: the Localize tab runs the ladder and draws it. Saves
     ``app-localize.png``."""

@@ -418,7 +418,19 @@ CSS = """
 /* a column's title never runs under its toolbar (clear, copy all) at the top right */
 [id^="hsr-chat-"] label[data-testid="block-label"] { max-width: calc(100% - 84px);
     overflow: hidden; white-space: nowrap; text-overflow: ellipsis; }
+/* at 1280x800 the columns, the message box and the examples fit one window: the examples
+   scroll in their own box, so a click on one never scrolls the answers away */
+#hsr-chat-examples .table-wrap { max-height: 236px; overflow-y: auto; }
+#hsr-chat-examples thead th { position: sticky; top: 0; z-index: 1;
+    background: var(--block-background-fill); }
+#hsr-chat-examples td { padding-top: 5px; padding-bottom: 5px; }
+#hsr-chat-examples td:last-child { max-width: none !important; }
 """
+
+
+COLUMN_HEIGHT = "clamp(260px, calc(100vh - 440px), 540px)"
+"""The answer columns' height: 540 px on a tall window, less on a short one, so that at
+1280x800 the columns, the message box and the examples are all in view together."""
 
 
 def build(c: dict[str, Any]) -> None:
@@ -431,7 +443,7 @@ def build(c: dict[str, Any]) -> None:
                 c[f"chat_{v}"] = gr.Chatbot(
                     [],
                     label=v,
-                    height=540,
+                    height=COLUMN_HEIGHT,
                     elem_id=f"hsr-chat-{v}",
                     buttons=["copy", "copy_all"],
                     feedback_options=None,
