@@ -235,6 +235,16 @@ def overlaps(a: dict[str, float], b: dict[str, float]) -> bool:
     )
 
 
+def intersection(a: dict[str, float], b: dict[str, float]) -> dict[str, float] | None:
+    """The part of box ``a`` inside box ``b`` (None when they do not meet)."""
+    x, y = max(a["x"], b["x"]), max(a["y"], b["y"])
+    right = min(a["x"] + a["width"], b["x"] + b["width"])
+    bottom = min(a["y"] + a["height"], b["y"] + b["height"])
+    if right <= x or bottom <= y:
+        return None
+    return {"x": x, "y": y, "width": right - x, "height": bottom - y}
+
+
 def chat_in_new_tab(page, width: int = 1280, height: int = 800) -> list:
     """A new session with the tiny Llama loaded, on the Chat tab at ``width`` x ``height``,
     short answers; returns the three columns."""
@@ -248,6 +258,34 @@ def chat_in_new_tab(page, width: int = 1280, height: int = 800) -> list:
     tokens.fill("24")
     tokens.press("Tab")
     return [page.locator(f"#hsr-chat-{v}") for v in ("original", "pruned", "realigned")]
+
+
+def test_a_column_title_never_covers_its_messages(fresh_page) -> None:
+    """At 1280x800, with more turns than a column shows: scrolled to the top or part way, no
+    visible part of the first message lies under the column's title or its toolbar."""
+    from playwright.sync_api import expect
+
+    page = fresh_page
+    columns = chat_in_new_tab(page)
+    for n, message in enumerate(("Hello?", "Name a colour.", "And a fruit?"), start=1):
+        send_chat(page, message)
+        expect(columns[0].locator(".hsr-complied, .hsr-refused, .hsr-incoherent")).to_have_count(n)
+    expect(page.get_by_role("button", name="Send", exact=True)).to_be_enabled()
+    for column in columns:
+        scroller = column.locator(".bubble-wrap")
+        assert scroller.evaluate("e => e.scrollHeight > e.clientHeight + 60")  # it scrolls
+        label = column.locator('label[data-testid="block-label"]').bounding_box()
+        tools = column.locator(".top-panel").bounding_box()
+        for top in (0, 24):
+            scroller.evaluate(f"e => e.scrollTo({{top: {top}, behavior: 'instant'}})")
+            page.wait_for_function(
+                f"e => Math.abs(e.scrollTop - {top}) < 1", arg=scroller.element_handle()
+            )
+            first = column.locator(".message-row").first.bounding_box()
+            seen = intersection(first, scroller.bounding_box())
+            assert seen is not None, (top, first)
+            for cover in (label, tools):
+                assert not overlaps(cover, seen), (top, cover, seen)
 
 
 def test_clicking_an_example_keeps_the_answers_in_view(fresh_page) -> None:

@@ -418,6 +418,9 @@ CSS = """
 /* a column's title never runs under its toolbar (clear, copy all) at the top right */
 [id^="hsr-chat-"] label[data-testid="block-label"] { max-width: calc(100% - 84px);
     overflow: hidden; white-space: nowrap; text-overflow: ellipsis; }
+/* the title and toolbar sit above the scrolling messages, never over them */
+:is(#hsr-chat-original, #hsr-chat-pruned, #hsr-chat-realigned) > .wrapper > .bubble-wrap {
+    margin-top: 38px; height: calc(100% - 38px); padding-top: 4px; }
 /* at 1280x800 the columns, the message box and the examples fit one window: the examples
    scroll in their own box, so a click on one never scrolls the answers away */
 #hsr-chat-examples .table-wrap { max-height: 236px; overflow-y: auto; }
