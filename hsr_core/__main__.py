@@ -29,6 +29,7 @@ from .config import (
     JUDGES,
     PRUNER_LABELS,
     PRUNERS,
+    RANKINGS,
     RUNGS,
     SCOPES,
     ConfigError,
@@ -203,6 +204,13 @@ def _add_common(p: argparse.ArgumentParser, command: str) -> None:
         help="heads: the paper's (attention heads only); heads+mlp: our extension, also the "
         "same band in the MLPs of the layers holding the selected heads",
     )
+    r.add_argument(
+        "--ranking",
+        default="wanda",
+        choices=list(RANKINGS),
+        help="scores R(p, q, max_p) ranks by: wanda (|W|*||X||, the paper's, default) or snip "
+        "(|W*dL/dW| on the safety and utility sets, as Wei et al.; two gradient passes)",
+    )
 
     lz = p.add_argument_group("localization ladder (localize)")
     lz.add_argument(
@@ -321,7 +329,9 @@ def run_config(args: argparse.Namespace, total_heads: int | None = None) -> RunC
             batch_size=args.calib_batch,
             **parse_structure(args.structure),
         ),
-        realign=RealignConfig(args.p, args.q, args.max_p, top_h, args.slicing, args.scope),
+        realign=RealignConfig(
+            args.p, args.q, args.max_p, top_h, args.slicing, args.scope, args.ranking
+        ),
         eval=eval_config(args),
         heads_file=str(args.heads) if args.heads else None,
     )
@@ -340,7 +350,18 @@ def grid_pruners(args: argparse.Namespace) -> list[str]:
 
 
 def run_grid_command(
-    loaded, run, scores, norms, utility, samples, scratch, args, cache_root, log, written
+    rank_scores,
+    loaded,
+    run,
+    scores,
+    norms,
+    utility,
+    samples,
+    scratch,
+    args,
+    cache_root,
+    log,
+    written,
 ) -> dict[str, Any]:
     """``grid``: every pruner, pruned and +HSR, written as grid.json and grid.md."""
     from . import pipeline as pl
@@ -360,6 +381,7 @@ def run_grid_command(
             run.eval,
             judge=judge_model(args, cache_root, log),
             mode=args.mode,
+            rank_scores=rank_scores,
             scratch=scratch,
             log=log,
         )
@@ -530,8 +552,12 @@ def execute(command: str, args: argparse.Namespace) -> dict[str, Any]:
         return written
 
     scratch = Path(cache_root) / "variants"
+    rank_scores = None
+    if command != "prune":  # the weights are dense here
+        rank_scores = pl.ranking_scores(loaded, safety, utility, run.realign, run.wanda)
     if command == "grid":
         return run_grid_command(
+            rank_scores,
             loaded,
             run,
             scores,
@@ -554,7 +580,8 @@ def execute(command: str, args: argparse.Namespace) -> dict[str, Any]:
         variants.install(masks, None, pruning.updated)
         restore = None
         if command != "prune":
-            r = pl.realign(loaded, masks, scores, run.realign, pl.rank_cache(variants, norms))
+            ranks = pl.rank_cache(variants, norms, rank_scores)
+            r = pl.realign(loaded, masks, scores, run.realign, ranks)
             timings["realign"] = r.seconds
             restore = r.value
             variants.install(masks, restore, pruning.updated)

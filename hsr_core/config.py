@@ -19,6 +19,8 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 SCOPES = ("heads", "heads+mlp")
 """HSR restore scopes: ``heads`` is the paper's; ``heads+mlp`` is this project's extension."""
 DEVICES = ("auto", "cpu", "cuda", "mps")
+RANKINGS = ("wanda", "snip")
+"""The scores the HSR restore set can rank by: Wanda's (the paper's) or SNIP's (Wei et al.)."""
 PRUNERS = ("wanda", "sparsegpt", "snip", "magnitude")
 """Base pruners (docs/METHOD.md): Wanda (the default), SparseGPT, SNIP, magnitude."""
 PRUNER_LABELS = {
@@ -207,6 +209,9 @@ class RealignConfig:
         scope: ``heads`` (the paper): only the selected heads' attention weights;
             ``heads+mlp`` (our extension, not in the paper): also the same band R in the MLP
             projections of the layers that hold the selected heads.
+        ranking: the safety and utility scores ``R(p, q, max_p)`` ranks by: ``wanda``
+            (``|W| * ||X||``, the paper's, for every pruner) or ``snip`` (``|W * dL/dW|`` on
+            the safety and the utility set, as Wei et al. rank with SNIP).
     """
 
     p: float = 0.5
@@ -215,8 +220,13 @@ class RealignConfig:
     top_h: int = 10
     slicing: Literal["head", "reference"] = "head"
     scope: Literal["heads", "heads+mlp"] = "heads"
+    ranking: Literal["wanda", "snip"] = "wanda"
 
     def __post_init__(self) -> None:
+        _check(
+            self.ranking in RANKINGS,
+            f"unknown ranking {self.ranking!r}; choose one of {', '.join(RANKINGS)}",
+        )
         _fraction("p", self.p)
         _fraction("q", self.q)
         _fraction("max_p", self.max_p)

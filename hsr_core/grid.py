@@ -54,6 +54,7 @@ def run_grid(
     *,
     judge: pl.GuardJudge | None = None,
     mode: str | None = None,
+    rank_scores: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
     scratch: Path | None = None,
     should_stop: StopFlag = None,
     log: Callable[[str], None] = lambda m: None,
@@ -70,6 +71,7 @@ def run_grid(
         wanda: sparsity, structure, token selection, samples.
         mode: each pruner's mode where it has it (None: each pruner's own default: Wanda
             one-shot, SparseGPT and SNIP sequential, magnitude one-shot).
+        rank_scores: what the restore set ranks by when not Wanda (``pipeline.ranking_scores``).
         realign: the HSR settings, the same for every pruner.
         eval_cfg: generation, judge and bootstrap settings.
 
@@ -82,7 +84,7 @@ def run_grid(
     """
     if variants.masks is not None:
         variants.install(None, None)
-    ranks = pl.rank_cache(variants, norms)
+    ranks = pl.rank_cache(variants, norms, rank_scores)
     log("Evaluating the original model")
     base = pl.evaluate(
         variants, samples, eval_cfg, which=["original"], judge=judge, should_stop=should_stop

@@ -104,6 +104,7 @@ __all__ = [
     "probe_prompts",
     "prune",
     "rank_cache",
+    "ranking_scores",
     "realign",
     "stream_columns",
     "summary",
@@ -394,9 +395,44 @@ def prune(
     return Timed(pruning, False, time.perf_counter() - t0)
 
 
-def rank_cache(variants: Variants, norms: Norms) -> RankCache:
-    """Ranks over the dense weights, reusable across realignment settings."""
-    return RankCache(variants.loaded, norms.safety, norms.utility, weight_of=variants.dense_weight)
+def rank_cache(
+    variants: Variants,
+    norms: Norms,
+    scores: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+) -> RankCache:
+    """Ranks over the dense weights, reusable across realignment settings (by the Wanda
+    scores, or by ``scores`` from ``ranking_scores`` where given)."""
+    return RankCache(
+        variants.loaded,
+        norms.safety,
+        norms.utility,
+        weight_of=variants.dense_weight,
+        scores=scores,
+    )
+
+
+def ranking_scores(
+    loaded: LoadedModel,
+    safety: Sequence[Sample],
+    utility: Sequence[Sample],
+    realign_cfg: RealignConfig,
+    wanda_cfg: WandaConfig,
+    *,
+    should_stop: StopFlag = None,
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]] | None:
+    """The safety and utility scores HSR ranks by when ``realign_cfg.ranking`` is not Wanda's:
+    SNIP's ``|W * dL/dW|`` over the prepared safety and utility samples (the dense model), for
+    the linears a restore set can touch (attention; the MLPs too with scope ``heads+mlp``).
+    None for ``wanda`` (the rank cache computes Wanda scores itself)."""
+    if realign_cfg.ranking == "wanda":
+        return None
+    from .snip import snip_scores
+
+    a = loaded.adapter
+    names = a.linear_names(attention_only=realign_cfg.scope == "heads")
+    s = snip_scores(loaded, safety, wanda_cfg, should_stop=should_stop, names=names)
+    u = snip_scores(loaded, utility, wanda_cfg, should_stop=should_stop, names=names)
+    return {n: (s[n], u[n]) for n in names}
 
 
 def warm_ranks(

@@ -174,6 +174,9 @@ class RankCache:
             keeps GPU memory free for generation.
         keep_masks: keep unpacked masks between calls (default: for models with at most
             ``KEEP_MASKS_MAX_WEIGHTS`` attention weights).
+        scores: ``{linear name: (safety scores, utility scores)}`` float ``[out, in]`` to rank
+            by instead of the Wanda scores (SNIP's: ``RealignConfig.ranking``); a linear not in
+            it is ranked by its Wanda scores.
     """
 
     def __init__(
@@ -185,8 +188,10 @@ class RankCache:
         *,
         device: torch.device | str | None = None,
         keep_masks: bool | None = None,
+        scores: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> None:
         self.loaded = loaded
+        self.scores = scores or {}
         self.safety_norms = safety_norms
         self.utility_norms = utility_norms
         self.weight_of = weight_of or (lambda name: loaded.model.get_submodule(name).weight)
@@ -202,6 +207,11 @@ class RankCache:
 
     def get(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """``(safety ranks, utility ranks)`` of a linear, int32 ``[out, in]``."""
+        if name not in self._ranks and name in self.scores:
+            safety, utility = self.scores[name]
+            if self.device is not None:
+                safety, utility = safety.to(self.device), utility.to(self.device)
+            self._ranks[name] = (descending_ranks(safety), descending_ranks(utility))
         if name not in self._ranks:
             w = self.weight_of(name)
             if self.device is not None:

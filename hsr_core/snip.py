@@ -51,7 +51,7 @@ commit ``0b0e707``), as ``--prune_method wandg``: ``lib/model_wrapper.py``, ``pr
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from typing import Any
 
@@ -201,15 +201,21 @@ def _gradient_pass(
     layers: Sequence[int],
     progress: Any,
     should_stop: StopFlag,
+    names: Collection[str] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """``sum_s |g_s|`` float32 ``[out, in]`` of the linears of ``layers`` over the batches.
+    """``sum_s |g_s|`` float32 ``[out, in]`` of the linears of ``layers`` (only ``names``,
+    when given) over the batches.
 
     Raises:
         ValueError: no batch had a token to predict.
     """
     a = loaded.adapter
     wanted = set(layers)
-    modules = {n: m for n, layer, _, m in a.iter_linears() if layer in wanted}
+    modules = {
+        n: m
+        for n, layer, _, m in a.iter_linears()
+        if layer in wanted and (names is None or n in names)
+    }
     grads = _SampleGradients(modules)
     image_ids = _image_token_ids(loaded.model)
     device = loaded.device
@@ -246,8 +252,10 @@ def snip_scores(
     cfg: WandaConfig,
     *,
     should_stop: StopFlag = None,
+    names: Collection[str] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """SNIP importance ``sum_s |W ⊙ ∂L_s/∂W|`` of every decoder linear, on the dense model.
+    """SNIP importance ``sum_s |W ⊙ ∂L_s/∂W|`` of every decoder linear (or only ``names``), on
+    the dense model.
 
     ``L_s`` is sample ``s``'s language-model loss, the mean cross-entropy over its response
     tokens (every non-padding token when ``cfg.tokens == "all"``), summed over the samples
@@ -276,9 +284,12 @@ def snip_scores(
             range(a.num_layers),
             progress,
             should_stop,
+            names,
         )
     # sum_s |W ⊙ g_s| = |W| ⊙ sum_s |g_s|, in place (float32 times the weights' dtype)
-    return {n: sums[n].mul_(m.weight.detach().abs()) for n, _, _, m in a.iter_linears()}
+    return {
+        n: sums[n].mul_(m.weight.detach().abs()) for n, _, _, m in a.iter_linears() if n in sums
+    }
 
 
 def _pack(score: torch.Tensor, cfg: WandaConfig) -> PackedMask:

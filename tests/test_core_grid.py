@@ -121,3 +121,35 @@ def test_grid_rejects_unknown_pruners(tmp_path, capsys, pruners, message):
     )
     assert code == 2
     assert message in capsys.readouterr().err
+
+
+def test_realign_ranked_by_snip_through_the_command_line(tmp_path, cache_root):
+    """``--ranking snip`` reaches the restore set: recorded in the summary, and another restore
+    set than Wanda's ranking gives for the same masks and heads."""
+    restored = {}
+    for ranking in ("wanda", "snip"):
+        out = tmp_path / ranking
+        common = ["--ships-samples", "4", "--calib-samples", "4", "--top-h", "4"]
+        code = main(
+            [
+                "realign",
+                "--model",
+                "builtin:tiny-llava-next",
+                "--data",
+                "builtin",
+                *common,
+                "--ranking",
+                ranking,
+                "--cache-dir",
+                str(cache_root),
+                "--out",
+                str(out),
+                "--quiet",
+            ]
+        )
+        assert code == 0
+        s = json.loads((out / "summary.json").read_text())
+        assert s["config"]["realign"]["ranking"] == ranking
+        restored[ranking] = (s["restored"], s["restored_per_module"], s["selected_heads"])
+    assert restored["wanda"][2] == restored["snip"][2]  # the same heads
+    assert restored["wanda"][:2] != restored["snip"][:2]

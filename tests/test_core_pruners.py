@@ -225,3 +225,49 @@ def test_pruner_modes_are_checked():
         WandaConfig(pruner="sparsegpt", mode="one-shot")
     with pytest.raises(ConfigError, match="unknown pruner 'sparse'"):
         WandaConfig(pruner="sparse")
+
+
+def test_the_restore_set_ranks_by_given_scores(tiny_llama):
+    """``RankCache(scores=...)`` ranks by those scores (SNIP's, for ``ranking="snip"``): the
+    restore set equals the one ranked by Wanda scores made from other norms that give the same
+    matrices, and differs from the one ranked by the cache's own norms."""
+    from hsr_core.wanda import wanda_score
+
+    loaded = tiny_llama
+    a = loaded.adapter
+    safety, utility = norms_of(loaded, 1), norms_of(loaded, 2)
+    other_s, other_u = norms_of(loaded, 5), norms_of(loaded, 6)
+    masks = prune_masks(loaded, utility, WandaConfig(sparsity=0.5))
+    scores = {
+        n: (wanda_score(m.weight, other_s[n]), wanda_score(m.weight, other_u[n]))
+        for n, _, _, m in a.iter_linears(attention_only=True)
+    }
+    cfg = RealignConfig(p=0.1, q=0.6, max_p=0.9, top_h=3)
+    heads = torch.tensor(SCORES)
+    given = restore_set(
+        loaded, masks, heads, cfg, RankCache(loaded, safety, utility, scores=scores)
+    )
+    same = restore_set(loaded, masks, heads, cfg, RankCache(loaded, other_s, other_u))
+    own = restore_set(loaded, masks, heads, cfg, RankCache(loaded, safety, utility))
+    as_sets = lambda rs: {n: set(v.tolist()) for n, v in rs.indices.items()}  # noqa: E731
+    assert as_sets(given) == as_sets(same) and given.count > 0
+    assert as_sets(given) != as_sets(own)
+
+
+def test_snip_ranking_scores_are_snip_scores(tiny_llama):
+    from hsr_core.data import builtin_calibration
+    from hsr_core.pipeline import calibration_samples, ranking_scores
+    from hsr_core.snip import snip_scores
+
+    cfg = WandaConfig(num_samples=3)
+    safety, utility = calibration_samples(tiny_llama, builtin_calibration(), cfg)
+    assert ranking_scores(tiny_llama, safety, utility, RealignConfig(top_h=2), cfg) is None
+    got = ranking_scores(tiny_llama, safety, utility, RealignConfig(top_h=2, ranking="snip"), cfg)
+    names = tiny_llama.adapter.linear_names(attention_only=True)
+    assert sorted(got) == sorted(names)
+    s, u = snip_scores(tiny_llama, safety, cfg), snip_scores(tiny_llama, utility, cfg)
+    for n in names:
+        assert torch.allclose(got[n][0], s[n]) and torch.allclose(got[n][1], u[n])
+        assert not torch.allclose(got[n][0], got[n][1])
+    with pytest.raises(ConfigError, match="unknown ranking 'snp'"):
+        RealignConfig(ranking="snp")
