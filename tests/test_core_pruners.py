@@ -271,3 +271,50 @@ def test_snip_ranking_scores_are_snip_scores(tiny_llama):
         assert not torch.allclose(got[n][0], got[n][1])
     with pytest.raises(ConfigError, match="unknown ranking 'snp'"):
         RealignConfig(ranking="snp")
+
+
+def test_sparsegpt_through_the_dispatcher_round_trips(tiny_llama, tmp_path):
+    """Real SparseGPT weights: the pruned variant is SparseGPT's output (not the dense weights
+    zeroed), realigned puts the restored ones back at their dense value, and the original
+    comes back bit for bit; closing the pruning deletes its scratch file."""
+    from hsr_core.data import builtin_calibration
+    from hsr_core.pipeline import calibration_samples
+
+    loaded = tiny_llama
+    cfg = WandaConfig(sparsity=0.5, num_samples=4, pruner="sparsegpt")
+    _, utility = calibration_samples(loaded, builtin_calibration(), cfg)
+    linears = {n: m for n, _, _, m in loaded.adapter.iter_linears()}
+    dense = {n: m.weight.detach().clone() for n, m in linears.items()}
+    pruning = prune_model(loaded, {}, utility, cfg, scratch=tmp_path / "s")
+    assert pruning.pruner == "sparsegpt" and pruning.updated is not None
+    values = {n: t.clone() for n, t in pruning.updated.store.tensors.items()}
+    for n, m in linears.items():
+        assert torch.equal(m.weight.detach(), dense[n])  # dense on return
+    safety, util = norms_of(loaded, 1), norms_of(loaded, 2)
+    rs = restore_set(
+        loaded,
+        pruning.masks,
+        torch.tensor(SCORES),
+        RealignConfig(p=0.0, q=0.8, max_p=1.0, top_h=3),
+        RankCache(loaded, safety, util),
+    )
+    assert rs.count > 0
+    v = Variants(loaded, scratch=tmp_path / "v")
+    v.install(pruning.masks, rs, pruning.updated)
+    for step in STEPS:
+        v.switch(step)
+        for n, m in linears.items():
+            want = dense[n] if step == "original" else values[n].clone()
+            if step == "realigned" and n in rs.indices:
+                want.view(-1)[rs.indices[n]] = dense[n].view(-1)[rs.indices[n]]
+            assert torch.equal(m.weight.detach(), want), (step, n)
+    changed = any(
+        not torch.equal(values[n], dense[n].masked_fill(pruning.masks[n].unpack(), 0))
+        for n in dense
+    )
+    assert changed  # SparseGPT did update kept weights
+    v.close()
+    folder = pruning.updated.store.folder
+    assert folder.exists()
+    pruning.close()
+    assert not folder.exists()
