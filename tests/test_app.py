@@ -173,6 +173,19 @@ def test_heatmap_marks_heads_with_their_rank() -> None:
     assert np.asarray(heat.customdata)[1, 0] == "self-attention"
 
 
+def test_heatmap_outlines_the_picked_head() -> None:
+    """The head shown in detail is outlined on its cell (layer on y, head on x), with a legend
+    entry naming it; without one there is no outline."""
+    from ui.figures import heads_heatmap
+
+    fig = heads_heatmap(np.ones((3, 4)), [(0, 0)], picked=(1, 3))
+    (shape,) = fig.layout.shapes
+    assert (shape.type, shape.xref, shape.yref) == ("rect", "x", "y")
+    assert (shape.x0, shape.x1, shape.y0, shape.y1) == (2.5, 3.5, 0.5, 1.5)
+    assert shape.name == "in detail: 1-3" and shape.showlegend
+    assert heads_heatmap(np.ones((3, 4)), [(0, 0)]).layout.shapes == ()
+
+
 def test_heatmap_tells_cross_attention_layers_apart() -> None:
     """Llama-3.2-Vision's cross-attention layers: "2 (cross)" on the axis and in the hover."""
     from ui.figures import heads_heatmap
@@ -399,10 +412,12 @@ def test_realign_sliders_change_the_restore_set(session: Client) -> None:
 
 def test_head_detail_shows_any_head(session: Client) -> None:
     realign(session, top_h=2)
-    fig, dropdown = session.predict(head="1-3", api_name="/head_detail")
+    fig, dropdown, heatmap = session.predict(head="1-3", api_name="/head_detail")
     title = json.loads(fig["plot"])["layout"]["title"]["text"]
     assert title.startswith("Head 1-3")
     assert dropdown["value"] == "1-3"
+    (outline,) = json.loads(heatmap["plot"])["layout"]["shapes"]  # the head in detail, marked
+    assert (outline["x0"], outline["y0"], outline["name"]) == (2.5, 0.5, "in detail: 1-3")
     with pytest.raises(AppError, match="outside the model"):
         session.predict(head="7-0", api_name="/head_detail")
 

@@ -130,6 +130,8 @@ def test_pipeline_through_the_browser(page) -> None:
     box = heatmap.bounding_box()
     heatmap.click(position={"x": box["width"] * 0.9, "y": box["height"] * 0.8})  # layer 1, head 3
     expect(page.locator("#hsr-head-plot")).to_contain_text("Head 1-3", timeout=TIMEOUT_MS)
+    # the clicked head is outlined on the redrawn heatmap (its legend entry names it)
+    expect(page.locator("#hsr-realign-heatmap")).to_contain_text("in detail: 1-3")
     shot(page, "app-realign.png")
 
 

@@ -35,6 +35,7 @@ PROJ_COLORS = {
     "down_proj": "#72B7B2",
 }
 MARK_COLOR = "#E4572E"
+PICKED_COLOR = "#111827"
 RESTORED_COLOR = "#16A34A"
 MUTED = "#6B7280"
 
@@ -112,6 +113,7 @@ def heads_heatmap(
     title: str = "Ships score per head",
     score_label: str = "score",
     marked_label: str = "top heads",
+    picked: tuple[int, int] | None = None,
     layer_kinds: Sequence[str] | None = None,
 ) -> go.Figure:
     """Heatmap of head scores, layers on y and heads on x, with some heads circled.
@@ -122,6 +124,8 @@ def heads_heatmap(
         title: figure title.
         score_label: colour bar title and hover name of the score (e.g. "angle (deg)").
         marked_label: legend entry of the circled heads.
+        picked: the head shown in detail (last clicked or picked), outlined by a square with
+            a legend entry of its own.
         layer_kinds: ``"self"`` or ``"cross"`` per layer (``ModelAdapter.layer_kinds``):
             cross-attention layers (Llama-3.2-Vision) are labelled "3 (cross)" on the y axis
             and named in the hover.
@@ -175,10 +179,30 @@ def heads_heatmap(
                 "showlegend": True,
             }
         )
+    shapes = []
+    if picked is not None:
+        head = pipeline.Head(*picked)
+        shapes.append(
+            {
+                "type": "rect",
+                "xref": "x",
+                "yref": "y",
+                "x0": head.head - 0.5,
+                "x1": head.head + 0.5,
+                "y0": head.layer - 0.5,
+                "y1": head.layer + 0.5,
+                "line": {"color": PICKED_COLOR, "width": 3},
+                "fillcolor": "rgba(0,0,0,0)",
+                "layer": "above",
+                "name": f"in detail: {head.label}",
+                "showlegend": True,
+            }
+        )
     return _figure(
         data,
         title=title,
         height=int(min(760, max(320, 16 * L + 140))),
+        shapes=shapes,
         xaxis={
             "title": {"text": "head"},
             "range": [-0.5, H - 0.5],

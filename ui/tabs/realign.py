@@ -128,20 +128,34 @@ def realign_view(
     return {
         "restore": rs,
         "head": head,
-        "realign_heatmap": figures.heads_heatmap(
-            scores.numpy(),
-            rs.heads,
-            title=f"Selected heads: top {cfg.top_h} by Ships",
-            score_label=score_label,
-            marked_label=f"selected ({len(rs.heads)})",
-            layer_kinds=a.layer_kinds(),
-        ),
+        "realign_heatmap": selected_heatmap(loaded, scores, rs, cfg, head, score_label),
         "realign_bars": figures.restored_bars({h.label: rs.per_head[h] for h in rs.heads}),
         "head_plot": detail,
         "realign_totals": totals,
         "realign_json": restore_summary(rs),
         "realign_head": gr.update(choices=[h.label for h in rs.heads], value=head.label),
     }
+
+
+def selected_heatmap(
+    loaded: pipeline.LoadedModel,
+    scores: Any,
+    rs: pipeline.RestoreSet,
+    cfg: RealignConfig,
+    head: pipeline.Head,
+    score_label: str = "score",
+) -> Any:
+    """The Realign heatmap: Ships scores ``[num_layers, num_heads]`` (tensor), the selected
+    heads circled, and ``head``, the one in detail (clicked or picked), outlined."""
+    return figures.heads_heatmap(
+        scores.numpy(),
+        rs.heads,
+        title=f"Selected heads: top {cfg.top_h} by Ships",
+        score_label=score_label,
+        marked_label=f"selected ({len(rs.heads)})",
+        picked=head,
+        layer_kinds=loaded.adapter.layer_kinds(),
+    )
 
 
 def _head_or_none(text: str | None, num_layers: int, num_heads: int) -> pipeline.Head | None:
@@ -287,7 +301,8 @@ def realign_refresh(
 
 @events.user_errors("Head detail")
 def head_detail(head: str, state: Session) -> dict[str, Any]:
-    """Show one head's weights on the rank axes (any head, selected or not)."""
+    """Show one head's weights on the rank axes (any head, selected or not), and outline it on
+    the heatmap."""
     if not head:
         return {}
     with WORKBENCH.lock:
@@ -299,8 +314,21 @@ def head_detail(head: str, state: Session) -> dict[str, Any]:
         ranks = WORKBENCH.rank_cache(state)
         with pipeline.torch_threads(LIVE_THREADS, loaded.device):
             fig = head_figure(loaded, state.masks, ranks, state.realign, picked, state.restore)
+        heatmap = selected_heatmap(
+            loaded,
+            state.scores,
+            state.restore,
+            state.realign,
+            picked,
+            figures.score_label(state.ships.metric),
+        )
     new = replace(state, head=picked)
-    return {"state": new, "head_plot": fig, "realign_head": gr.update(value=picked.label)}
+    return {
+        "state": new,
+        "head_plot": fig,
+        "realign_head": gr.update(value=picked.label),
+        "realign_heatmap": heatmap,
+    }
 
 
 def head_clicked(clicked: str, state: Session) -> dict[str, Any]:
@@ -446,7 +474,7 @@ def wire(c: dict[str, Any]) -> None:
         c["realign_head"].input,
         head_detail,
         ["realign_head", "state"],
-        ["state", "head_plot", "realign_head"],
+        ["state", "head_plot", "realign_head", "realign_heatmap"],
         message="realign_msg",
         api_name="head_detail",
         trigger_mode="always_last",
@@ -458,7 +486,7 @@ def wire(c: dict[str, Any]) -> None:
         c["clicked_head"].change,
         head_clicked,
         ["clicked_head", "state"],
-        ["state", "head_plot", "realign_head"],
+        ["state", "head_plot", "realign_head", "realign_heatmap"],
         message="realign_msg",
         api_visibility="private",
         trigger_mode="always_last",
