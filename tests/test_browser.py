@@ -313,6 +313,48 @@ def test_clicking_an_example_keeps_the_answers_in_view(fresh_page) -> None:
     shot(page, "app-chat-1280.png")
 
 
+def test_stop_during_an_evaluation_keeps_the_earlier_results(fresh_page) -> None:
+    """On the tiny Llama: a short evaluation, then a long one stopped once its progress shows:
+    the page says it stopped, the buttons come back and the short run's results stay."""
+    from playwright.sync_api import expect
+
+    page = fresh_page
+    load_in_page(page, "builtin:tiny-llama")
+    expect(page.locator("#hsr-model-info")).to_contain_text("LlamaForCausalLM")
+    page.get_by_role("tab", name="6 · Evaluate").click()
+
+    def settings(prompts: int, tokens: int, batch: int) -> None:
+        for label, value in (
+            ("prompts", prompts),
+            ("number input for max new tokens", tokens),
+            ("number input for batch size", batch),
+        ):
+            box = page.get_by_label(label, exact=True).locator("visible=true")
+            box.fill(str(value))
+            box.press("Tab")
+
+    message, table = page.locator("#hsr-eval-msg"), page.locator("#hsr-eval-table")
+    run = page.get_by_role("button", name="Run evaluation")
+    settings(4, 4, 4)
+    run.click()
+    expect(message).to_contain_text("Done.")
+    expect(table).to_contain_text("original")
+    earlier = table.inner_text()
+
+    settings(0, 512, 1)  # every prompt, one at a time, long answers: minutes on this model
+    run.click()
+    progress = page.locator("#hsr-eval-chart .progress-text").first
+    expect(progress).to_contain_text(re.compile(r"\d+/\d+ batch"))  # under way
+    expect(run).to_be_disabled()
+    page.get_by_role("button", name="Stop").locator("visible=true").click()
+    expect(message).to_contain_text("Stopped.")
+    expect(message).to_contain_text("Earlier results are kept")
+    expect_run_buttons_back(page)
+    page.get_by_role("tab", name="6 · Evaluate").click()
+    assert table.inner_text() == earlier
+    expect_no_error_badge(table, page.locator("#hsr-eval-chart"), message)
+
+
 def test_localization_ladder_through_the_browser(page) -> None:
     """After the pipeline above: the Localize tab runs the ladder and draws it. Saves
     ``app-localize.png``."""
