@@ -81,6 +81,7 @@ from .models import (
 from .progress import Cancelled, StopFlag, bar, check_stop
 from .pruners import Pruning, prune_model
 from .realign import KEEP_MASKS_MAX_WEIGHTS, RankCache, RestoreSet, head_rank_points, restore_set
+from .screen import ScreenResult, screen_then_exact
 from .ships import read_heads_jsonl, ships_scores, write_heads_jsonl
 from .store import ResultCache, default_cache_dir, folder_fingerprint
 from .variants import VARIANTS, UpdatedWeights, VariantError, Variants
@@ -119,6 +120,8 @@ __all__ = [
     "load_model",
     "open_image",
     "read_heads_jsonl",
+    "rescored_heads",
+    "screen_record",
     "select",
     "write_heads_jsonl",
     # the vocabulary
@@ -138,6 +141,7 @@ __all__ = [
     "RestoreSet",
     "RunConfig",
     "Sample",
+    "ScreenResult",
     "Timed",
     "Variants",
     "all_heads",
@@ -232,19 +236,29 @@ def calibration_samples(
 
 @dataclass
 class Timed:
-    """A result, whether it came from the cache, and how long it took (seconds)."""
+    """A result, whether it came from the cache, and how long it took (seconds); ``extra``
+    holds what a step returns besides its value (Ships screening: the ``ScreenResult``)."""
 
     value: Any
     cached: bool
     seconds: float
+    extra: Any = None
 
 
-def _ships_parts(loaded: LoadedModel, probes: Sequence[Sample], cfg: ShipsConfig) -> dict:
-    return {
-        "model": model_key(loaded),
-        "data": data_mod.fingerprint(probes),
-        "ships": {k: v for k, v in to_dict(cfg).items() if k != "batch_size"},
-    }
+def rescored_heads(loaded: LoadedModel, cfg: ShipsConfig, top_h: int) -> int:
+    """How many heads exact Ships scores: every head, or ``candidates x top_h`` when
+    screening (our extension)."""
+    total = loaded.adapter.num_layers * loaded.adapter.num_heads
+    return total if cfg.mode == "exact" else min(total, cfg.candidates * min(top_h, total))
+
+
+def _ships_parts(
+    loaded: LoadedModel, probes: Sequence[Sample], cfg: ShipsConfig, top_h: int = 10
+) -> dict:
+    ships = {k: v for k, v in to_dict(cfg).items() if k not in ("batch_size", "mode", "candidates")}
+    if cfg.mode == "screen":  # exact results keep the keys they had before screening existed
+        ships |= {"mode": "screen", "rescored": rescored_heads(loaded, cfg, top_h)}
+    return {"model": model_key(loaded), "data": data_mod.fingerprint(probes), "ships": ships}
 
 
 def _norms_parts(loaded: LoadedModel, samples: Sequence[Sample], cfg: WandaConfig) -> dict:
@@ -276,28 +290,35 @@ def estimate(
     cache: ResultCache,
     *,
     recompute: bool = False,
+    top_h: int = 10,
 ) -> dict[str, float]:
     """Rough seconds of Ships attribution and the Wanda statistics before they run (0 for a
     step the cache already has, unless ``recompute``), from one measured forward pass and the
     model's geometry.
 
     Ships replays, for every head of layer ``l``, layers ``l`` to ``L - 1`` with the head
-    ablated: ``1 + H (L + 1) / 2`` forward passes' worth per probe prompt. The statistics are
-    one forward pass per calibration sample (twice that, sequential).
+    ablated: ``1 + H (L + 1) / 2`` forward passes' worth per probe prompt. Screening (our
+    extension) takes about 4 (intact, forward and backward) plus the replay of its ``n``
+    re-scored heads, ``n (L + 1) / (2 L)``. The statistics are one forward pass per
+    calibration sample (twice that, sequential).
 
     Returns:
         ``{"attribute": s, "calibrate": s, "forward": s}``.
     """
     a = loaded.adapter
     out = {"attribute": 0.0, "calibrate": 0.0, "forward": 0.0}
-    ships_parts = _ships_parts(loaded, probes, ships)
+    ships_parts = _ships_parts(loaded, probes, ships, top_h)
     ships_done = not recompute and cache.load("ships", ships_parts) is not None
     norms_done = not recompute and all(
         cache.load("norms", _norms_parts(loaded, s, wanda)) is not None for s in (safety, utility)
     )
     if probes and not ships_done:
         out["forward"] = _forward_seconds(loaded, probes[0], with_response=False)
-        out["attribute"] = len(probes) * (1 + a.num_heads * (a.num_layers + 1) / 2) * out["forward"]
+        n = rescored_heads(loaded, ships, top_h)
+        passes = 1 + n * (a.num_layers + 1) / (2 * a.num_layers)
+        if ships.mode == "screen":
+            passes += 4
+        out["attribute"] = len(probes) * passes * out["forward"]
     if utility and not norms_done:
         forward = _forward_seconds(loaded, utility[0], with_response=True)
         passes = (len(safety) + len(utility)) * (2 if wanda.mode == "sequential" else 1)
@@ -312,17 +333,47 @@ def attribute(
     cfg: ShipsConfig,
     cache: ResultCache,
     *,
+    top_h: int = 10,
     recompute: bool = False,
     should_stop: StopFlag = None,
 ) -> Timed:
-    """Ships scores ``[L, H]``, from the cache when the same model, data and config were seen."""
+    """Ships scores ``[L, H]``, from the cache when the same model, data and config were seen.
+
+    In ``screen`` mode (our extension, ``hsr_core.screen``) every head is screened and exact
+    Ships re-scores the ``cfg.candidates x top_h`` best; the value is the merged table (exact
+    scores first) and ``extra`` the ``ScreenResult`` (which scores are exact, the estimates).
+    """
     t0 = time.perf_counter()
-    parts = _ships_parts(loaded, probes, cfg)
-    if not recompute and (hit := cache.load("ships", parts)) is not None:
-        return Timed(hit["scores"], True, time.perf_counter() - t0)
-    scores = ships_scores(loaded, probes, cfg, should_stop=should_stop)
-    cache.save("ships", parts, {"scores": scores})
-    return Timed(scores, False, time.perf_counter() - t0)
+    parts = _ships_parts(loaded, probes, cfg, top_h)
+    hit = None if recompute else cache.load("ships", parts)
+    if cfg.mode == "exact":
+        if hit is not None:
+            return Timed(hit["scores"], True, time.perf_counter() - t0)
+        scores = ships_scores(loaded, probes, cfg, should_stop=should_stop)
+        cache.save("ships", parts, {"scores": scores})
+        return Timed(scores, False, time.perf_counter() - t0)
+    if hit is not None:
+        res = ScreenResult(hit["scores"], hit["exact"], hit["screening"], float(hit["scale"][0]))
+        return Timed(res.scores, True, time.perf_counter() - t0, res)
+    total = loaded.adapter.num_layers * loaded.adapter.num_heads
+    res = screen_then_exact(loaded, probes, cfg, top_h=min(top_h, total), should_stop=should_stop)
+    tensors = {"scores": res.scores, "exact": res.exact, "screening": res.screening}
+    cache.save("ships", parts, tensors | {"scale": torch.tensor([res.scale], dtype=torch.float64)})
+    return Timed(res.scores, False, time.perf_counter() - t0, res)
+
+
+def screen_record(result: ScreenResult, cfg: ShipsConfig) -> dict[str, Any]:
+    """What ``screen.json`` holds: which heads have exact scores and every screening estimate
+    (``heads.jsonl`` stays the reference's format, a score per head)."""
+    heads = all_heads(*result.scores.shape)
+    return {
+        "mode": "screen (HSR Workbench's extension, not in the paper)",
+        "candidates": cfg.candidates,
+        "rescored": int(result.exact.sum()),
+        "scale_of_screened_scores": result.scale,
+        "exact": {h.label: bool(result.exact[h]) for h in heads},
+        "screening": {h.label: float(result.screening[h]) for h in heads},
+    }
 
 
 def calibrate_set(
