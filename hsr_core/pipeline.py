@@ -739,6 +739,7 @@ def summary(
         "num_heads": loaded.adapter.num_heads,
         "num_kv_heads": loaded.adapter.num_kv_heads,
         "head_dim": loaded.adapter.head_dim,
+        "cross_attention_layers": sorted(loaded.adapter.cross_layers),
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
         "cached": cached,
     }

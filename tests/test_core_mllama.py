@@ -19,7 +19,14 @@ from test_core_wanda import naive_sequential
 
 from hsr_core import pipeline as pl
 from hsr_core.builtin import TINY_MLLAMA_CROSS_LAYERS
-from hsr_core.config import EvalConfig, RealignConfig, ShipsConfig, WandaConfig
+from hsr_core.config import (
+    EvalConfig,
+    ModelSpec,
+    RealignConfig,
+    RunConfig,
+    ShipsConfig,
+    WandaConfig,
+)
 from hsr_core.data import Sample, builtin_calibration, builtin_eval, with_typographic_images
 from hsr_core.encoding import collate, encode_one, iter_batches
 from hsr_core.evaluate import generate
@@ -55,6 +62,8 @@ def test_adapter_maps_both_kinds(tiny_mllama):
     decoder = {n for n, m in a.layers.named_modules() if isinstance(m, torch.nn.Linear)}
     assert {n.removeprefix(a.layers_path + ".") for n in a.linear_names()} == decoder
     assert tiny_mllama.describe()["cross_attention_layers"] == [CROSS]
+    run = RunConfig(model=ModelSpec("builtin:tiny-mllama"))
+    assert pl.summary(tiny_mllama, run, None, None, {}, {})["cross_attention_layers"] == [CROSS]
     check_supported(tiny_mllama.path)  # from the config alone, on the meta device
     with pytest.raises(IndexError):
         a.layer_kind(a.num_layers)
