@@ -385,6 +385,23 @@ def test_attribute_scores_every_head(session: Client) -> None:
     assert "layer %{y}" in fig["data"][0]["hovertemplate"]
 
 
+def test_screening_mode_is_labelled_as_ours(url: str) -> None:
+    c = client(url)
+    load(c)
+    status, message, heatmap, table = c.predict(
+        num_samples=4,
+        ablation="zero",
+        metric="angle",
+        r_main=1,
+        ships_mode="screen",
+        recompute=False,
+        api_name="/attribute",
+    )
+    assert "Screening (our extension)" in message and "re-scored by exact Ships" in message
+    assert len(table["data"]) == 8
+    assert summary(c)["ships"]["config"]["mode"] == "screen"
+
+
 def test_prune_reports_sparsity(session: Client) -> None:
     status, message, chart = prune(session)
     assert "50.00%" in message

@@ -1,5 +1,6 @@
 """Tab 2, Attribute: Ships scores of every attention head (``pipeline.attribute``), cached on
-disk, with a progress bar, an ETA and a Stop button, drawn as a heatmap and a ranking."""
+disk, with a progress bar, an ETA and a Stop button, drawn as a heatmap and a ranking. Exact
+Ships, or screening (our extension): every head estimated, the best re-scored exactly."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ def attribute(
     ablation: str,
     metric: str,
     r_main: float,
+    ships_mode: str,
     recompute: bool,
     state: Session,
     request: gr.Request,
@@ -29,18 +31,25 @@ def attribute(
     """Score every head with Ships (from the cache when it was computed before)."""
     events.show_eta(progress)
     cfg = ShipsConfig(
-        num_samples=int(num_samples), ablation=ablation, metric=metric, r_main=int(r_main)
+        num_samples=int(num_samples),
+        ablation=ablation,
+        metric=metric,
+        r_main=int(r_main),
+        mode=ships_mode,
     )
     with WORKBENCH.lock, events.stoppable(request) as should_stop:
         loaded = WORKBENCH.require(state)
         calib = WORKBENCH.calibration(state.data)
         probes = pipeline.probe_prompts(loaded, calib, cfg)
+        total = loaded.adapter.num_layers * loaded.adapter.num_heads
+        top_h = state.realign.top_h if state.realign else min(10, total)
         try:
             r = pipeline.attribute(
                 loaded,
                 probes,
                 cfg,
                 WORKBENCH.cache,
+                top_h=top_h,
                 recompute=bool(recompute),
                 should_stop=should_stop,
             )
@@ -51,12 +60,19 @@ def attribute(
     scores = new.scores.numpy()
     top = min(10, scores.size)
     how = "from the cache (tick *recompute* to redo)" if r.cached else f"in {r.seconds:.1f} s"
+    screened = ""
+    if r.extra is not None:
+        screened = (
+            f" Screening (our extension): every head estimated, the best "
+            f"{int(r.extra.exact.sum())} ({cfg.candidates} x top_h {top_h}) re-scored by exact "
+            "Ships and ranked first; the others keep their estimates, ranked below."
+        )
     return {
         "state": new,
         "status": status_line(new),
         "ships_status": (
             f"**Done.** Ships scores of {scores.size} heads over {len(probes)} probe prompts "
-            f"({cfg.metric}, {cfg.ablation} ablation), {how}."
+            f"({cfg.metric}, {cfg.ablation} ablation), {how}.{screened}"
         ),
         "ships_heatmap": figures.heads_heatmap(
             scores,
@@ -108,6 +124,15 @@ def build(c: dict[str, Any]) -> None:
             c["r_main"] = gr.Number(
                 1, precision=0, minimum=1, label="r_main", info="singular directions", scale=1
             )
+            c["ships_mode"] = gr.Radio(
+                [("Exact", "exact"), ("Screen (ours)", "screen")],
+                value="exact",
+                label="mode",
+                info="screen: our extension, every head estimated by one backward pass per "
+                "prompt, exact Ships on the 3 x top_h best only",
+                scale=2,
+                elem_id="hsr-ships-mode",
+            )
             c["ships_recompute"] = gr.Checkbox(
                 False,
                 label="recompute",
@@ -141,7 +166,7 @@ def wire(c: dict[str, Any]) -> None:
         c,
         "attribute_btn",
         attribute,
-        ["ships_samples", "ablation", "metric", "r_main", "ships_recompute", "state"],
+        ["ships_samples", "ablation", "metric", "r_main", "ships_mode", "ships_recompute", "state"],
         ["state", "status", "ships_status", "ships_heatmap", "ships_table"],
         api_name="attribute",
         message="ships_status",
