@@ -92,10 +92,8 @@ def test_building_the_demo_loads_no_model() -> None:
     from ui.layout import build_demo
     from ui.workbench import WORKBENCH
 
-    t0 = time.perf_counter()
-    demo = build_demo()
+    demo = build_demo()  # its time: bench/bench_startup.py
     assert isinstance(demo, gr.Blocks)
-    assert time.perf_counter() - t0 < 20
     assert WORKBENCH.loaded is None
 
 
@@ -255,8 +253,14 @@ def test_out_of_memory_is_explained() -> None:
     assert explain(RuntimeError("a bug")) is None
 
 
-def test_eta_is_added_to_the_progress_text() -> None:
+def test_eta_is_added_to_the_progress_text(monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    import ui.events
     from ui.events import show_eta
+
+    clock = SimpleNamespace(now=100.0)  # a fake clock: no sleep
+    monkeypatch.setattr(ui.events, "time", SimpleNamespace(monotonic=lambda: clock.now))
 
     class Bar:
         def __init__(self) -> None:
@@ -273,11 +277,10 @@ def test_eta_is_added_to_the_progress_text() -> None:
     tracker = Tracker()
     show_eta(tracker)
     tracker._progress_callback()(tracker.iterables)
-    tracker.iterables[-1].index = 5
-    time.sleep(0.05)
+    tracker.iterables[-1].index = 4
+    clock.now += 12.0  # 4 of 10 done in 12 s
     tracker._progress_callback()(tracker.iterables)
-    assert tracker.sent[0] == "Ships attribution"
-    assert re.fullmatch(r"Ships attribution · \d+ s left", tracker.sent[1])
+    assert tracker.sent == ["Ships attribution", "Ships attribution · 18 s left"]  # 6 x 3 s
 
 
 # ---------------------------------------------------------------------------------------------
@@ -568,7 +571,13 @@ def test_stop_interrupts_attribution_and_keeps_earlier_scores(
         recompute=True,
         api_name="/attribute",
     )
-    time.sleep(2.0)
+    # Stop once the job reports progress: its handler has cleared the flag by then (a Stop
+    # sent before would be cleared and the attribution would run to its end)
+    deadline = time.monotonic() + 300
+    while not (job.status().progress_data or job.done()):
+        assert time.monotonic() < deadline, "the attribution never reported progress"
+        time.sleep(0.05)
+    assert not job.done(), "the attribution ended before Stop could be sent"
     c.predict(api_name="/stop")
     status, message, heatmap, table = job.result(timeout=300)
     assert "Stopped" in message

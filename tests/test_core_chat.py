@@ -3,9 +3,11 @@ a stop that really stops, seeds, throttled streaming, and the runner it is given
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
 from contextlib import contextmanager
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -165,44 +167,114 @@ def test_columns_stream_one_after_the_other_and_stop(tiny_llama, runner) -> None
     assert set(threading.enumerate()) <= before
 
 
-def _streamed(tiny_llama, runner, min_interval: float, token_s: float, tokens: int) -> list:
-    def slow() -> bool:  # the stop check runs once per token: a slower model
-        time.sleep(token_s)
+class _SimulatedTime:
+    """Simulated time for ``stream_columns``: the model takes ``token_s`` per token on the
+    producer's clock, each event is stamped with it when put, and the consumer's clock (what
+    ``time.monotonic`` reads in ``hsr_core.chat``) jumps to an event's stamp when it takes it,
+    or by the wait's timeout when the next event is later. The timing is then the same on a
+    fast and on a loaded machine: no sleep, no real clock."""
+
+    def __init__(self, token_s: float, pauses: dict[int, float] | None = None) -> None:
+        self.token_s, self.producer_now, self.now = token_s, 0.0, 0.0
+        self.pauses, self.tokens = pauses or {}, 0
+
+    def token(self) -> bool:  # the stop check, once per token
+        self.tokens += 1
+        self.producer_now += self.pauses.get(self.tokens, self.token_s)
         return False
 
-    jobs = [("original", [{"role": "user", "content": "Tell me a story."}])]
-    return [
-        (time.monotonic(), r)
-        for r in stream_columns(
-            lambda: _Variants(tiny_llama),
-            jobs,
-            GenerationSettings(max_new_tokens=tokens),
-            runner=runner,
-            should_stop=slow,
-            min_interval=min_interval,
+    def queue(self) -> _SimulatedQueue:
+        return _SimulatedQueue(self)
+
+
+class _SimulatedQueue:
+    def __init__(self, sim: _SimulatedTime) -> None:
+        self.sim, self.items, self.head, self.ended = sim, queue.Queue(), None, False
+
+    def put(self, item) -> None:
+        self.items.put((self.sim.producer_now, item))
+
+    def _peek(self):  # waits (really) for the producer's next event; it always ends with None
+        if self.head is None:
+            self.head = self.items.get(timeout=120)
+        return self.head
+
+    def get(self, timeout: float | None = None):
+        stamp, item = self._peek()
+        if timeout is not None and stamp > self.sim.now + timeout:
+            self.sim.now += timeout
+            raise queue.Empty
+        self.sim.now = max(self.sim.now, stamp)
+        self.head, self.ended = None, item is None  # None: the producer's last event
+        return item
+
+    def get_nowait(self):
+        return self.get(timeout=0.0)
+
+    def empty(self) -> bool:
+        return self.ended or self._peek()[0] > self.sim.now
+
+
+def _streamed(
+    tiny_llama, runner, monkeypatch, min_interval: float, token_s: float, tokens: int, pauses=None
+):
+    """``(simulated moment, event)`` of one streamed reply (token ``i`` takes ``pauses[i]``
+    seconds where given)."""
+    import hsr_core.chat as chat_mod
+
+    sim = _SimulatedTime(token_s, pauses)
+    with monkeypatch.context() as m:
+        m.setattr(chat_mod, "queue", SimpleNamespace(Queue=sim.queue, Empty=queue.Empty))
+        m.setattr(
+            chat_mod,
+            "time",
+            SimpleNamespace(monotonic=lambda: sim.now, perf_counter=time.perf_counter),
         )
-    ]
+        jobs = [("original", [{"role": "user", "content": "Tell me a story."}])]
+        return [
+            (sim.now, r)
+            for r in stream_columns(
+                lambda: _Variants(tiny_llama),
+                jobs,
+                GenerationSettings(max_new_tokens=tokens),
+                runner=runner,
+                should_stop=sim.token,
+                min_interval=min_interval,
+            )
+        ]
 
 
-def test_streamed_text_is_throttled_but_never_lost(tiny_llama, runner) -> None:
-    every = [r for _, r in _streamed(tiny_llama, runner, 0.0, 0.02, 40)]
+def test_streamed_text_is_throttled_but_never_lost(tiny_llama, runner, monkeypatch) -> None:
+    every = [r for _, r in _streamed(tiny_llama, runner, monkeypatch, 0.0, 0.02, 40)]
     texts = [r.text for r in every if not r.done]
     final = every[-1]
     assert final.done and final.tokens == 40 and len(texts) >= 20
     assert all(b.startswith(a) for a, b in zip(texts, texts[1:], strict=False))
 
-    # 40 tokens at >= 20 ms: at most one text event per 100 ms, and the same final text
-    timed = _streamed(tiny_llama, runner, 0.1, 0.02, 40)
+    # 40 tokens of 20 ms: at most one text event per 100 ms, and the same final text
+    timed = _streamed(tiny_llama, runner, monkeypatch, 0.1, 0.02, 40)
     moments = [t for t, r in timed if not r.done]
-    assert len(moments) < len(texts)
-    assert all(b - a >= 0.095 for a, b in zip(moments, moments[1:], strict=False))
+    assert len(texts) // 5 <= len(moments) < len(texts)
+    assert all(b - a >= 0.1 - 1e-9 for a, b in zip(moments, moments[1:], strict=False))
     assert timed[-1][1].done and timed[-1][1].text == final.text
     assert all(final.text.startswith(r.text) for _, r in timed)
 
     # tokens slower than the interval: no text is held back (each is sent when it comes)
-    slow = [r.text for _, r in _streamed(tiny_llama, runner, 0.1, 0.15, 8) if not r.done]
-    each = [r.text for _, r in _streamed(tiny_llama, runner, 0.0, 0.15, 8) if not r.done]
-    assert slow == each
+    slow = [r.text for _, r in _streamed(tiny_llama, runner, monkeypatch, 0.1, 0.15, 8)]
+    each = [r.text for _, r in _streamed(tiny_llama, runner, monkeypatch, 0.0, 0.15, 8)]
+    assert slow == each and len(each) > 2
+
+
+def test_held_back_text_is_sent_when_the_interval_is_up(tiny_llama, runner, monkeypatch):
+    """Fast tokens, then the model pauses for a second: the text held back is sent when the
+    interval is up, not a second later with the next token (no text is older than 100 ms)."""
+    pauses = {12: 1.0, 24: 1.0}
+    arrivals = _streamed(tiny_llama, runner, monkeypatch, 0.0, 0.02, 30, pauses)
+    shown = _streamed(tiny_llama, runner, monkeypatch, 0.1, 0.02, 30, pauses)
+    assert arrivals[-1][1].text == shown[-1][1].text
+    for came, r in arrivals:
+        first = min(t for t, s in shown if s.text.startswith(r.text))
+        assert first <= came + 0.1 + 1e-9, (came, first, r.text)
 
 
 def test_turns_run_in_the_runner_they_are_given(tiny_llama, runner) -> None:

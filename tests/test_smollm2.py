@@ -143,9 +143,7 @@ def test_second_call_returns_at_once(conversion: dict, monkeypatch: pytest.Monke
 
     monkeypatch.setattr(smollm2, "_convert_into", must_not_convert)
     messages: list[str] = []
-    start = time.perf_counter()
-    assert convert_smollm2(dest, log=messages.append) == dest
-    assert time.perf_counter() - start < 1.0
+    assert convert_smollm2(dest, log=messages.append) == dest  # no conversion: must_not_convert
     assert messages == []
     assert (dest.stat().st_mtime_ns, marker.stat().st_mtime_ns) == before
 
