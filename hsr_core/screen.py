@@ -3,7 +3,9 @@
 Attribution patching (Nanda 2023; Syed et al. 2023, "Attribution Patching Outperforms
 Automated Circuit Discovery") applied to Ships (docs/METHOD.md, "Ships screening"). Ablating
 head ``(l, h)`` changes its slice ``z`` of ``o_proj``'s input by ``delta = z_abl - z`` (``-z``
-for ``zero``, the causal running mean of its values minus ``z`` for ``uniform``). To first
+for ``zero``, the causal running mean of its values minus ``z`` for ``uniform``; on a
+cross-attention layer, the mean of its values over the vision tokens each query may see,
+as ``hooks.add_head_ablation`` does). To first
 order the final-norm state at the last position ``f`` moves by ``J delta`` and, for any
 direction ``c``, ``c . J delta = <d(c . f)/dz, delta>``: one backward pass of ``c . f`` gives
 that number for every head at once.
@@ -40,7 +42,7 @@ from .config import ShipsConfig
 from .data import Sample
 from .encoding import encode_one
 from .heads import top_heads
-from .hooks import HookSet, causal_running_mean
+from .hooks import HookSet, causal_running_mean, uniform_cross_mean
 from .models import LoadedModel, ModelAdapter
 from .progress import StopFlag, bar, check_stop
 from .ships import ships_scores
@@ -52,8 +54,7 @@ class _StopAtFinalNorm(Exception):
 
 def cross_layers(adapter: ModelAdapter) -> set[int]:
     """The cross-attention layers (Mllama's), which a prompt without an image skips."""
-    kind = getattr(adapter, "layer_kind", None)  # adapters of self-attention models lack it
-    return {i for i in range(adapter.num_layers) if kind is not None and kind(i) == "cross"}
+    return {i for i, kind in enumerate(adapter.layer_kinds()) if kind == "cross"}
 
 
 @dataclass
@@ -86,15 +87,18 @@ def tracked_pass(loaded: LoadedModel, inputs: dict[str, torch.Tensor], mode: str
     a = loaded.adapter
     H, d_h, group = a.num_heads, a.head_dim, a.group_size
     cross = cross_layers(a)
-    if mode == "uniform" and cross:
-        raise ValueError(
-            "Ships screening with uniform ablation does not handle cross-attention layers "
-            f"({sorted(cross)}); use zero ablation or exact Ships"
-        )
+    kv_of = torch.arange(H) // group  # each query head's KV head
     leaves: list[torch.Tensor | None] = [None] * a.num_layers
     deltas: list[torch.Tensor | None] = [None] * a.num_layers
     values: dict[int, torch.Tensor] = {}
+    masks: dict[int, torch.Tensor | None] = {}
     out: dict[str, torch.Tensor] = {}
+
+    def grab_mask(layer: int):
+        def fn(_mod: nn.Module, _args: Any, kw: dict[str, Any]) -> None:
+            masks[layer] = kw.get("attention_mask")
+
+        return fn
 
     def grab_values(layer: int):
         def fn(_mod: nn.Module, _inp: Any, v: torch.Tensor) -> None:
@@ -113,10 +117,16 @@ def tracked_pass(loaded: LoadedModel, inputs: dict[str, torch.Tensor], mode: str
             z = x.detach().float().view(seq, H, d_h)  # [seq, heads, head_dim]
             if mode == "zero":
                 deltas[layer] = -z
+            elif layer in cross:  # uniform over the vision tokens each query may see
+                v = values.pop(layer).float().reshape(-1, a.num_kv_heads, d_h)  # [vision, K, d_h]
+                per_head = v[:, kv_of].transpose(0, 1)  # [heads, vision, head_dim]
+                rows = torch.zeros(H, dtype=torch.long)  # one prompt: every head reads its mask
+                mean = uniform_cross_mean(per_head, masks.pop(layer, None), rows, seq)
+                deltas[layer] = mean.transpose(0, 1) - z  # [seq, heads, head_dim]
             else:
                 v = values.pop(layer).float().view(1, seq, -1, d_h)  # [1, seq, kv_heads, head_dim]
                 mean = causal_running_mean(v)[0]  # [seq, kv_heads, head_dim]
-                deltas[layer] = mean[:, torch.arange(H) // group] - z
+                deltas[layer] = mean[:, kv_of] - z
             leaf = torch.zeros_like(x, requires_grad=True)
             leaves[layer] = leaf
             return (x + leaf, *args[1:])
@@ -132,6 +142,8 @@ def tracked_pass(loaded: LoadedModel, inputs: dict[str, torch.Tensor], mode: str
             attn = a.attention(layer)
             if mode == "uniform":
                 hooks.post(attn.v_proj, grab_values(layer))
+                if layer in cross:
+                    hooks.pre(attn, grab_mask(layer), with_kwargs=True)
             hooks.pre(attn.o_proj, track(layer))
         hooks.post(a.final_norm, stop)
         with suppress(_StopAtFinalNorm):
@@ -167,8 +179,9 @@ def directional_effects(tracked: TrackedPass, directions: torch.Tensor) -> torch
     return out
 
 
-def _intact_final(loaded: LoadedModel, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The final-norm state at the last position of the intact model ``[hidden]``."""
+def intact_final(loaded: LoadedModel, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The final-norm state at the last position of the intact model ``[hidden]`` (one forward
+    pass that stops at the final norm)."""
     out: dict[str, torch.Tensor] = {}
 
     def stop(_mod: nn.Module, _inp: Any, x: torch.Tensor) -> None:
@@ -280,7 +293,7 @@ def screen_scores(
         finals = []
         for inputs in bar(encoded, desc="Ships screening: intact", unit="prompt"):
             check_stop(should_stop)
-            finals.append(_intact_final(loaded, inputs).double().cpu())
+            finals.append(intact_final(loaded, inputs).double().cpu())
         M = torch.stack(finals)  # [N, hidden]
         V = torch.linalg.svd(M, full_matrices=False).Vh[: cfg.r_main]  # [r_main, hidden]
         T = torch.empty(cfg.r_main, len(encoded), L * H, dtype=torch.float64)

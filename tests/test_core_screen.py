@@ -20,7 +20,6 @@ from hsr_core.heads import all_heads, top_heads
 from hsr_core.hooks import HookSet, count_hooks
 from hsr_core.screen import (
     angle_estimate,
-    cross_layers,
     directional_effects,
     fisher_directions,
     merge_ranking,
@@ -46,14 +45,28 @@ def scaled_final(loaded, sample: Sample, head: tuple[int, int], eps: float, mode
     attn = a.attention(layer)
     seen: dict[str, torch.Tensor] = {}
 
+    cross = a.layer_kind(layer) == "cross"
+
     def grab(_m, _i, v):
         seen["v"] = v
+
+    def grab_mask(_m, _args, kw):
+        seen["mask"] = kw.get("attention_mask")
 
     def move(_m, args):
         x = args[0].clone()
         z = x[..., h * d_h : (h + 1) * d_h]
         if mode == "zero":
             target = torch.zeros_like(z)
+        elif cross:  # Mllama: mean over the vision tokens each text token may see
+            kv = h // group
+            v = seen["v"].reshape(-1, a.num_kv_heads, d_h)[:, kv]  # [vision, d_h]
+            mask = seen["mask"][0, 0]  # [seq, vision], additive (0: may look)
+            rows = []
+            for t in range(z.shape[1]):
+                ok = mask[t] == 0 if mask.dtype != torch.bool else mask[t]
+                rows.append(v[ok].mean(0) if ok.any() else torch.zeros_like(v[0]))
+            target = torch.stack(rows)[None]
         else:
             kv = h // group
             v = seen["v"][..., kv * d_h : (kv + 1) * d_h]  # [1, seq, d_h]
@@ -64,6 +77,8 @@ def scaled_final(loaded, sample: Sample, head: tuple[int, int], eps: float, mode
     inputs, _, _ = encode_one(loaded, sample, with_response=False)
     with HookSet() as hooks, torch.inference_mode():
         hooks.post(attn.v_proj, grab)
+        if cross:
+            hooks.pre(attn, grab_mask, with_kwargs=True)
         hooks.pre(attn.o_proj, move)
         out = loaded.model(**inputs, output_hidden_states=True, use_cache=False)
     return out.hidden_states[-1][0, -1].double()
@@ -90,11 +105,6 @@ def test_directional_effects_equal_finite_differences(any_tiny, mode):
     torch.manual_seed(1)
     C = torch.randn(2, a.hidden_size, dtype=torch.float64)
     before = count_hooks(loaded.model)
-    if mode == "uniform" and cross_layers(a):  # not handled: refused in words
-        inputs, _, _ = encode_one(loaded, probes(loaded, 1)[0], with_response=False)
-        with pytest.raises(ValueError, match="cross-attention"):
-            tracked_pass(loaded, inputs, mode)
-        return
     for sample in probes(loaded, 2):
         inputs, _, _ = encode_one(loaded, sample, with_response=False)
         got = directional_effects(tracked_pass(loaded, inputs, mode), C)  # [2, L, H]
