@@ -476,7 +476,10 @@ def execute(command: str, args: argparse.Namespace) -> dict[str, Any]:
     from safetensors.torch import save_file
 
     from . import pipeline as pl
+    from .distributed import local_device, world
 
+    w = world()  # accelerate launch: Ships and the statistics split among the processes
+    args.device = local_device(args.device)  # several processes: each its own GPU
     run = run_config(args)  # checks every setting before a model is loaded
     if command == "localize":
         localize_config(args)
@@ -486,7 +489,8 @@ def execute(command: str, args: argparse.Namespace) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     cache_root = args.cache_dir or pl.default_cache_dir()
     cache = pl.ResultCache(cache_root)
-    log = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
+    quiet = args.quiet or not w.is_main  # one voice: the main process's
+    log = (lambda m: None) if quiet else (lambda m: print(m, file=sys.stderr, flush=True))
     written: dict[str, Any] = {}
     timings: dict[str, float] = {}
     cached: dict[str, bool] = {}
@@ -512,7 +516,8 @@ def execute(command: str, args: argparse.Namespace) -> dict[str, Any]:
         f"Data: {len(calib.safety)} harmful and {len(calib.utility)} benign samples ({calib.source})"
     )
 
-    say_estimate(command, run, loaded, calib, cache, args, log)
+    if w.is_main:
+        say_estimate(command, run, loaded, calib, cache, args, log)
     scores = None
     if command in ("attribute", "realign", "evaluate", "export", "run", "localize", "grid"):
         if run.heads_file:
@@ -530,19 +535,24 @@ def execute(command: str, args: argparse.Namespace) -> dict[str, Any]:
             scores = r.value
             timings["attribute"], cached["attribute"] = r.seconds, r.cached
             log(f"Ships: {'from cache' if r.cached else f'{r.seconds:.1f} s'}")
-            if r.extra is not None:  # screening (our extension): which scores are exact
+            if r.extra is not None and w.is_main:  # screening (our extension): which are exact
                 rec = pl.screen_record(r.extra, run.ships)
                 written["screen.json"] = str(pl.write_json(out / "screen.json", rec))
                 log(f"Ships screening (our extension): {rec['rescored']} heads re-scored exactly")
-        written["heads.jsonl"] = str(pl.write_heads_jsonl(scores, out / "heads.jsonl"))
+        if w.is_main:  # files are written once, by the main process
+            written["heads.jsonl"] = str(pl.write_heads_jsonl(scores, out / "heads.jsonl"))
     if command == "attribute":
-        pl.write_json(out / "summary.json", pl.summary(loaded, run, None, None, timings, cached))
+        if w.is_main:
+            summ = pl.summary(loaded, run, None, None, timings, cached)
+            pl.write_json(out / "summary.json", summ)
         return written
 
     safety, utility = pl.calibration_samples(loaded, calib, run.wanda)
     r = pl.calibrate(loaded, safety, utility, run.wanda, cache, recompute=args.recompute)
     norms = r.value
     timings["calibrate"], cached["calibrate"] = r.seconds, r.cached
+    if not w.is_main:
+        return written  # masks, HSR, evaluation and every file: the main process alone
     if command == "calibrate":
         tensors = {f"safety/{k}": v for k, v in norms.safety.items()} | {
             f"utility/{k}": v for k, v in norms.utility.items()
@@ -636,13 +646,15 @@ def execute(command: str, args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.quiet:
+    if args.quiet or int(os.environ.get("RANK", "0")) > 0:  # accelerate launch: one set of bars
         os.environ["TQDM_DISABLE"] = "1"
     logging.getLogger("transformers").setLevel(logging.ERROR)
     import torch
 
+    from .distributed import world
     from .pipeline import Cancelled, DataError, LmEvalError, LmEvalMissing, ModelLoadError
 
+    w = world()
     try:
         written = execute(args.command, args)
     except (
@@ -663,7 +675,10 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 3
-    print(json.dumps(written, indent=2))
+    finally:
+        w.close()
+    if w.is_main:
+        print(json.dumps(written, indent=2))
     return 0
 
 

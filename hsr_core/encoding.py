@@ -214,24 +214,32 @@ def iter_batches(
     side: str = "right",
     system: str | None = None,
 ) -> Iterator[Batch]:
-    """Encode and batch samples (on the CPU; move them with ``Batch.to``)."""
+    """Encode and batch samples (on the CPU; move them with ``Batch.to``), one batch per
+    ``batch_spans`` span."""
     pad_id = loaded.tokenizer.pad_token_id
-    chunk: list[Sample] = []
-    for s in samples:
-        # a batch never mixes samples with and without an image (their inputs differ in kind)
-        if chunk and (
-            len(chunk) == batch_size or (loaded.is_vision and s.has_image != chunk[0].has_image)
-        ):
-            yield collate(
-                [encode_one(loaded, c, with_response=with_response, system=system) for c in chunk],
-                pad_id,
-                side=side,
-            )
-            chunk = []
-        chunk.append(s)
-    if chunk:
+    for span in batch_spans(samples, batch_size, vision=loaded.is_vision):
         yield collate(
-            [encode_one(loaded, c, with_response=with_response, system=system) for c in chunk],
+            [
+                encode_one(loaded, samples[i], with_response=with_response, system=system)
+                for i in span
+            ],
             pad_id,
             side=side,
         )
+
+
+def batch_spans(samples: Sequence[Sample], batch_size: int, *, vision: bool) -> list[range]:
+    """The positions of the samples in each batch ``iter_batches`` forms: ``batch_size``
+    consecutive samples, except that for a vision model a batch never mixes samples with and
+    without an image (their inputs differ in kind), so it ends where that changes."""
+    spans: list[range] = []
+    start = 0
+    for i, s in enumerate(samples):
+        if i > start and (
+            i - start == batch_size or (vision and s.has_image != samples[start].has_image)
+        ):
+            spans.append(range(start, i))
+            start = i
+    if len(samples) > start:
+        spans.append(range(start, len(samples)))
+    return spans

@@ -52,6 +52,7 @@ from .data import (
     open_image,
     select,
 )
+from .distributed import world
 from .encoding import iter_batches
 from .evaluate import (
     PERPLEXITY_IS,
@@ -327,6 +328,23 @@ def estimate(
     return out
 
 
+def _cached(
+    cache: ResultCache, kind: str, parts: dict, recompute: bool
+) -> dict[str, torch.Tensor] | None:
+    """The cache entry (None: a miss or ``recompute``). Under ``accelerate launch`` only the
+    main process reads it and sends it to the others, so all take the same branch even when
+    their caches differ (one per machine)."""
+    w = world()
+    hit = None if recompute or not w.is_main else cache.load(kind, parts)
+    return w.broadcast(hit) if w.size > 1 else hit
+
+
+def _keep(cache: ResultCache, kind: str, parts: dict, tensors: dict[str, torch.Tensor]) -> None:
+    """Save a result to the cache: once, by the main process, under ``accelerate launch``."""
+    if world().is_main:
+        cache.save(kind, parts, tensors)
+
+
 def attribute(
     loaded: LoadedModel,
     probes: Sequence[Sample],
@@ -345,12 +363,12 @@ def attribute(
     """
     t0 = time.perf_counter()
     parts = _ships_parts(loaded, probes, cfg, top_h)
-    hit = None if recompute else cache.load("ships", parts)
+    hit = _cached(cache, "ships", parts, recompute)
     if cfg.mode == "exact":
         if hit is not None:
             return Timed(hit["scores"], True, time.perf_counter() - t0)
         scores = ships_scores(loaded, probes, cfg, should_stop=should_stop)
-        cache.save("ships", parts, {"scores": scores})
+        _keep(cache, "ships", parts, {"scores": scores})
         return Timed(scores, False, time.perf_counter() - t0)
     if hit is not None:
         res = ScreenResult(hit["scores"], hit["exact"], hit["screening"], float(hit["scale"][0]))
@@ -358,7 +376,8 @@ def attribute(
     total = loaded.adapter.num_layers * loaded.adapter.num_heads
     res = screen_then_exact(loaded, probes, cfg, top_h=min(top_h, total), should_stop=should_stop)
     tensors = {"scores": res.scores, "exact": res.exact, "screening": res.screening}
-    cache.save("ships", parts, tensors | {"scale": torch.tensor([res.scale], dtype=torch.float64)})
+    scale = torch.tensor([res.scale], dtype=torch.float64)
+    _keep(cache, "ships", parts, tensors | {"scale": scale})
     return Timed(res.scores, False, time.perf_counter() - t0, res)
 
 
@@ -389,12 +408,12 @@ def calibrate_set(
     """Norm vectors of one calibration set (``label`` is ``safety`` or ``utility``), cached."""
     t0 = time.perf_counter()
     parts = _norms_parts(loaded, samples, cfg)
-    if not recompute and (hit := cache.load("norms", parts)) is not None:
+    if (hit := _cached(cache, "norms", parts, recompute)) is not None:
         return Timed(hit, True, time.perf_counter() - t0)
     norms = wanda_norms(
         loaded, samples, cfg, should_stop=should_stop, desc=f"Wanda statistics ({label})"
     )
-    cache.save("norms", parts, norms)
+    _keep(cache, "norms", parts, norms)
     return Timed(norms, False, time.perf_counter() - t0)
 
 

@@ -34,6 +34,7 @@ import torch
 
 from .config import ShipsConfig
 from .data import Sample
+from .distributed import World, chunk_share, share, world
 from .encoding import encode_one
 from .heads import Head, all_heads
 from .hooks import HookSet, LayerRecord, add_head_ablation, record_layers, run_layer
@@ -151,6 +152,9 @@ def ships_scores(
     Returns:
         ``[num_layers, num_heads]`` float32 scores (degrees for ``angle``, nats for ``kl``).
         Mllama's cross-attention heads score exactly 0 when no prompt has an image (warned).
+        Under ``accelerate launch`` with several processes the prompts (or heads) are split
+        among them and every process returns the table one process would compute, bit for
+        bit on the CPU (``_shared_ships_scores``).
     """
     a = loaded.adapter
     if cfg.metric == "angle" and len(prompts) < max(2, cfg.r_main):
@@ -159,6 +163,9 @@ def ships_scores(
             f"(got {len(prompts)}): with one prompt every angle is 0"
         )
     heads = sorted(heads) if heads is not None else all_heads(a.num_layers, a.num_heads)
+    w = world()
+    if w.size > 1:  # accelerate launch: a share of the prompts (or heads) per process
+        return _shared_ships_scores(loaded, prompts, cfg, heads, w, should_stop)
     device = loaded.device
     intact, ablated, kl = [], [], torch.zeros(len(heads), dtype=torch.float64)
     batch = cfg.batch_size
@@ -169,24 +176,7 @@ def ships_scores(
         inputs, _, _ = encode_one(loaded, sample, with_response=False)
         record = record_layers(loaded.model, a, {k: v.to(device) for k, v in inputs.items()})
         never_ran &= record.skipped
-        while True:
-            try:
-                finals = ablated_finals(
-                    loaded,
-                    record,
-                    heads,
-                    mode=cfg.ablation,
-                    batch_size=batch,
-                    should_stop=should_stop,
-                    on_batch=advance,
-                )
-                break
-            except torch.OutOfMemoryError:
-                if batch == 1:
-                    raise
-                batch = max(1, batch // 2)  # fewer ablated copies side by side, same result
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
+        finals, batch = _replay(loaded, record, heads, cfg, batch, should_stop, advance)
         base = record.final[:, -1]  # [1, hidden]
         if cfg.metric == "angle":
             intact.append(base.float().cpu())
@@ -200,7 +190,50 @@ def ships_scores(
         values = principal_angle_sum(M, M_A, cfg.r_main)
     else:
         values = kl / len(prompts)
-    scores = torch.full((a.num_layers, a.num_heads), math.nan)
+    return _score_table(a.num_layers, a.num_heads, heads, values, never_ran)
+
+
+def _replay(
+    loaded: LoadedModel,
+    record: LayerRecord,
+    heads: Sequence[tuple[int, int]],
+    cfg: ShipsConfig,
+    batch: int,
+    should_stop: StopFlag,
+    advance: Callable[[float], None] | None,
+) -> tuple[torch.Tensor, int]:
+    """``ablated_finals`` of one prompt, halving the batch on running out of memory; returns
+    the states and the batch size that fitted (kept for the next prompt)."""
+    while True:
+        try:
+            finals = ablated_finals(
+                loaded,
+                record,
+                heads,
+                mode=cfg.ablation,
+                batch_size=batch,
+                should_stop=should_stop,
+                on_batch=advance,
+            )
+            return finals, batch
+        except torch.OutOfMemoryError:
+            if batch == 1:
+                raise
+            batch = max(1, batch // 2)  # fewer ablated copies side by side, same result
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+
+def _score_table(
+    num_layers: int,
+    num_heads: int,
+    heads: Sequence[tuple[int, int]],
+    values: torch.Tensor,
+    never_ran: set[int],
+) -> torch.Tensor:
+    """``[num_layers, num_heads]`` float32 scores from ``values`` in ``heads`` order (NaN for
+    the heads not scored, 0 for those of a layer no prompt ran, warned)."""
+    scores = torch.full((num_layers, num_heads), math.nan)
     for (l, h), v in zip(heads, values.tolist(), strict=True):
         scores[l, h] = 0.0 if l in never_ran else v  # exactly: the layer never ran
     if never_ran and any(l in never_ran for l, _ in heads):
@@ -208,9 +241,106 @@ def ships_scores(
             f"no probe prompt has an image, so the cross-attention layers "
             f"{sorted(never_ran)} never ran (Mllama skips them without one): their heads "
             "score 0, which says nothing about them; give the probes images",
-            stacklevel=2,
+            stacklevel=3,
         )
     return scores
+
+
+def _shared_ships_scores(
+    loaded: LoadedModel,
+    prompts: Sequence[Sample],
+    cfg: ShipsConfig,
+    heads: list[tuple[int, int]],
+    w: World,
+    should_stop: StopFlag,
+) -> torch.Tensor:
+    """``ships_scores`` across the processes of ``accelerate launch``, equal to one process's.
+
+    With at least as many prompts as processes each process takes a contiguous block of the
+    prompts (``share``) and replays every head on them; it sends the main process, per prompt,
+    the intact and ablated final states (``angle``: ``[1, d]`` and ``[heads, d]`` float32) or
+    the KL of every head (``kl``: ``[heads]`` float64). With fewer prompts every process runs
+    every prompt's intact pass and replays a share of the heads in whole replay batches
+    (``chunk_share``), so its batches are the ones one process forms; it sends its
+    ``[share, d]`` states, and the main process assembles each prompt's ``[heads, d]``.
+
+    The main process then computes what one process computes from the same tensors in the same
+    order (the SVDs over the prompts in prompt order; the KLs added prompt by prompt) and sends
+    the table to every process. Each prompt's replay is the same arithmetic on the same shapes
+    as in one process, so on the CPU in float32 the scores are the same bit for bit.
+    """
+    a = loaded.adapter
+    device = loaded.device
+    heads = w.broadcast(heads)  # one list for all (a screening pass could differ per GPU)
+    by_heads = len(prompts) < w.size
+    mine = range(len(prompts)) if by_heads else share(len(prompts), w.rank, w.size)
+    batch = cfg.batch_size
+    parts: list[tuple] = []  # what this process sends, per prompt of ``mine``
+    kept: list[tuple[torch.Tensor, set[int]]] = []  # by heads, main: each prompt's base, skipped
+    desc = f"Ships attribution ({w.rank + 1}/{w.size})"
+    for i, advance in steps(list(mine), desc=desc, unit="prompt"):
+        check_stop(should_stop)
+        inputs, _, _ = encode_one(loaded, prompts[i], with_response=False)
+        record = record_layers(loaded.model, a, {k: v.to(device) for k, v in inputs.items()})
+        base = record.final[:, -1]  # [1, hidden]
+        if by_heads:
+            live = [h for h in heads if h[0] not in record.skipped]
+            span = chunk_share(len(live), cfg.batch_size, w.rank, w.size)
+            if len(span):
+                finals, batch = _replay(
+                    loaded, record, live[span.start : span.stop], cfg, batch, should_stop, advance
+                )
+            else:
+                finals = base[:0]  # [0, hidden]: no whole batch left for this process
+            parts.append((finals.cpu(),))
+            if w.is_main:
+                kept.append((base, set(record.skipped)))
+            continue
+        finals, batch = _replay(loaded, record, heads, cfg, batch, should_stop, advance)
+        if cfg.metric == "angle":
+            parts.append((base.float().cpu(), finals.float().cpu(), set(record.skipped)))
+        else:
+            with torch.inference_mode():
+                parts.append((_kl(a.lm_head(base), a.lm_head(finals)).cpu(), set(record.skipped)))
+    gathered = w.gather(parts)
+    scores = None
+    if w.is_main:
+        assert gathered is not None
+        intact, ablated, kl = [], [], torch.zeros(len(heads), dtype=torch.float64)
+        never_ran = set(a.cross_layers)
+        if by_heads:
+            for p, (base, skipped) in enumerate(kept):
+                never_ran &= skipped
+                live_rows = torch.cat([g[p][0] for g in gathered])  # [live, hidden], head order
+                live = [j for j, (l, _) in enumerate(heads) if l not in skipped]
+                if len(live) == len(heads):
+                    finals = live_rows
+                else:  # as ablated_finals: the intact state for a head of a skipped layer
+                    finals = base.cpu().expand(len(heads), -1).clone()
+                    if live:
+                        finals[live] = live_rows
+                if cfg.metric == "angle":
+                    intact.append(base.float().cpu())
+                    ablated.append(finals.float())
+                else:
+                    with torch.inference_mode():
+                        kl += _kl(a.lm_head(base), a.lm_head(finals.to(device))).cpu()
+        else:
+            for part in (x for g in gathered for x in g):  # prompt order: blocks in rank order
+                never_ran &= part[-1]
+                if cfg.metric == "angle":
+                    intact.append(part[0])
+                    ablated.append(part[1])
+                else:
+                    kl += part[0]
+        if cfg.metric == "angle":
+            M = torch.cat(intact)  # [N, hidden]
+            M_A = torch.stack(ablated, dim=1)  # [heads, N, hidden]
+            values = principal_angle_sum(M, M_A, cfg.r_main)
+        else:
+            values = kl / len(prompts)
+        scores = _score_table(a.num_layers, a.num_heads, heads, values, never_ran)
+    return w.broadcast(scores)
 
 
 def write_heads_jsonl(scores: torch.Tensor, path: str | Path) -> Path:

@@ -30,7 +30,8 @@ from torch import nn
 
 from .config import WandaConfig
 from .data import Sample
-from .encoding import iter_batches
+from .distributed import World, share, world
+from .encoding import batch_spans, iter_batches
 from .hooks import HookSet, forward_decoder_only, record_layers, run_layer
 from .masks import Masks, PackedMask, apply_mask
 from .models import LoadedModel
@@ -69,6 +70,10 @@ class _NormCollector:
         self._last: tuple[torch.Tensor, torch.Tensor] | None = None
         self._tiles: torch.Tensor | None = None  # CPU bool [batch * images * tiles]; None: all
         self._vision_rows: dict[int, torch.Tensor | None] = {}
+        self.partials: list[tuple[str, torch.Tensor]] | None = None
+        """When a list: each hook call appends ``(name, sums of squares)`` to it instead of
+        adding them to ``sums`` (the processes of a run send them to the main one, which adds
+        them in one process's order: ``add_partials``)."""
 
     def set_batch(self, select: torch.Tensor, tiles: torch.Tensor | None = None) -> bool:
         """Take the next batch's token selection (bool ``[batch, seq]``) and, for the linears
@@ -123,10 +128,19 @@ class _NormCollector:
                     owned = False
                 sq = self._sum_of_squares(xs, owned=owned)
                 self._last = (x, sq)
+            if self.partials is not None:
+                self.partials.append((name, sq))
+                return
             acc = self.sums.get(name)
             self.sums[name] = sq.clone() if acc is None else acc.add_(sq)
 
         return fn
+
+    def add_partials(self, partials: Sequence[tuple[str, torch.Tensor]]) -> None:
+        """Add recorded ``(name, sums of squares)`` in order, exactly as the hooks add them."""
+        for name, sq in partials:
+            acc = self.sums.get(name)
+            self.sums[name] = sq.clone() if acc is None else acc.add_(sq)
 
     def _sum_of_squares(self, xs: torch.Tensor, *, owned: bool) -> torch.Tensor:
         """``[in]`` float32 sums of squares of ``xs`` ``[tokens, in]`` over its rows.
@@ -201,8 +215,13 @@ def wanda_norms(
         desc: progress bar label.
 
     Returns:
-        ``{linear name: float32 [in]}`` on the CPU.
+        ``{linear name: float32 [in]}`` on the CPU. Under ``accelerate launch`` with several
+        processes the batches are split among them and every process returns the norms one
+        process would compute, bit for bit on the CPU (``_shared_wanda_norms``).
     """
+    w = world()
+    if w.size > 1:
+        return _shared_wanda_norms(loaded, samples, cfg, w, should_stop=should_stop, desc=desc)
     a = loaded.adapter
     modules = {name: mod for name, _, _, mod in a.iter_linears()}
     collector = _NormCollector(modules, _vision_inputs(loaded))
@@ -227,6 +246,70 @@ def wanda_norms(
         )
     _check_all_ran(loaded, list(modules), set(collector.sums))
     return collector.norms()
+
+
+def _shared_wanda_norms(
+    loaded: LoadedModel,
+    samples: Sequence[Sample],
+    cfg: WandaConfig,
+    w: World,
+    *,
+    should_stop: StopFlag = None,
+    desc: str = "Wanda statistics",
+) -> dict[str, torch.Tensor]:
+    """``wanda_norms`` across the processes of ``accelerate launch``, equal to one process's.
+
+    The batches are the ones one process forms (``batch_spans``); each process takes a
+    contiguous block of them (``share``) and keeps, per batch, every hook call's ``[in]`` sums
+    of squares instead of adding them up. The main process receives every process's batches
+    and adds their sums in global batch order, call by call: the same float32 additions in the
+    same order as one process (adding each process's total instead would group the additions
+    differently, and float addition is not associative). It takes the square roots and sends
+    the norms to every process; an error (no tokens selected, a linear that never ran) is
+    raised on every process alike.
+    """
+    a = loaded.adapter
+    modules = {name: mod for name, _, _, mod in a.iter_linears()}
+    collector = _NormCollector(modules, _vision_inputs(loaded))
+    device = loaded.device
+    spans = batch_spans(samples, cfg.batch_size, vision=loaded.is_vision)
+    mine = share(len(spans), w.rank, w.size)
+    sent: list[list[tuple[str, torch.Tensor]]] = []  # per batch of mine: hook calls in order
+    with HookSet() as hooks, torch.inference_mode():
+        for name, mod in modules.items():
+            hooks.pre(mod, collector.hook(name))
+        for b in bar(mine, desc=f"{desc} ({w.rank + 1}/{w.size})", unit="batch"):
+            check_stop(should_stop)
+            span = spans[b]
+            (batch,) = iter_batches(loaded, samples[span.start : span.stop], len(span))
+            batch = batch.to(device)
+            collector.partials = []
+            if collector.set_batch(_token_selection(batch, cfg.tokens), vision_tiles(batch.inputs)):
+                forward_decoder_only(loaded.model, a, batch.inputs)
+            on_cpu: dict[int, torch.Tensor] = {}  # q/k/v share one tensor: copy it once
+            sent.append([(n, on_cpu.setdefault(id(t), t.cpu())) for n, t in collector.partials])
+    gathered = w.gather(sent)
+    result: dict[str, torch.Tensor] | str | None = None
+    if w.is_main:
+        assert gathered is not None
+        collector.partials = None
+        for batches in gathered:  # rank order, then each rank's batches: global batch order
+            for calls in batches:
+                collector.add_partials(calls)
+        try:
+            if not collector.sums:
+                raise ValueError(
+                    "no calibration tokens were selected: the samples have no responses; "
+                    "give answers or use tokens='all'"
+                )
+            _check_all_ran(loaded, list(modules), set(collector.sums))
+            result = collector.norms()
+        except ValueError as e:
+            result = str(e)
+    result = w.broadcast(result)
+    if isinstance(result, str):
+        raise ValueError(result)
+    return result
 
 
 # ---------------------------------------------------------------------------------------------
