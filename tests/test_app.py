@@ -313,8 +313,10 @@ def test_unknown_models_and_missing_folders_are_explained(url: str) -> None:
 
 
 def test_loading_describes_the_model(url: str) -> None:
-    info, message, status, ships_samples, calib_samples, top_h, *_ = load(client(url))
-    assert "builtin:tiny-llama` already loaded" in message  # by the test before
+    c = client(url)
+    info, message, status, ships_samples, calib_samples, top_h, *_ = load(c)
+    assert "builtin:tiny-llama` " in message  # loaded now, or already by an earlier test
+    assert "builtin:tiny-llama` already loaded" in load(c)[1]  # the load just before
     assert "| layers | 2 |" in info
     assert "4 query, 2 KV (GQA)" in info
     assert "vision tower | no" in info
@@ -453,6 +455,7 @@ def test_invalid_realign_settings_are_explained_in_place(session: Client) -> Non
 
 
 def test_malformed_data_file_is_explained(session: Client, tmp_path: Path) -> None:
+    realign(session)  # a restore set, to be kept
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "hi", "response": "hello", "harmful": false}\n{not json\n')
     with pytest.raises(AppError, match="row 2: not valid JSON"):
@@ -559,31 +562,35 @@ def test_two_sessions_work_at_once(url: str) -> None:
 def test_stop_interrupts_attribution_and_keeps_earlier_scores(
     url: str, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
-    """Last: it replaces the shared model with a slower one."""
+    """It loads a slower model, and puts the tiny one back for the tests after it (the
+    sessions of the module share the server's model)."""
     c = client(url)
-    load(c, str(slow_model(tmp_path_factory.mktemp("slow") / "slow-llama")))
-    attribute(c, 2)
-    job = c.submit(
-        num_samples=170,
-        ablation="zero",
-        metric="angle",
-        r_main=1,
-        recompute=True,
-        api_name="/attribute",
-    )
-    # Stop once the job reports progress: its handler has cleared the flag by then (a Stop
-    # sent before would be cleared and the attribution would run to its end)
-    deadline = time.monotonic() + 300
-    while not (job.status().progress_data or job.done()):
-        assert time.monotonic() < deadline, "the attribution never reported progress"
-        time.sleep(0.05)
-    assert not job.done(), "the attribution ended before Stop could be sent"
-    c.predict(api_name="/stop")
-    status, message, heatmap, table = job.result(timeout=300)
-    assert "Stopped" in message
-    kept = summary(c)["ships"]
-    assert kept["config"]["num_samples"] == 2
-    assert len(kept["top_heads"]) == 10
+    try:
+        load(c, str(slow_model(tmp_path_factory.mktemp("slow") / "slow-llama")))
+        attribute(c, 2)
+        job = c.submit(
+            num_samples=170,
+            ablation="zero",
+            metric="angle",
+            r_main=1,
+            recompute=True,
+            api_name="/attribute",
+        )
+        # Stop once the job reports progress: its handler has cleared the flag by then (a Stop
+        # sent before would be cleared and the attribution would run to its end)
+        deadline = time.monotonic() + 300
+        while not (job.status().progress_data or job.done()):
+            assert time.monotonic() < deadline, "the attribution never reported progress"
+            time.sleep(0.05)
+        assert not job.done(), "the attribution ended before Stop could be sent"
+        c.predict(api_name="/stop")
+        status, message, heatmap, table = job.result(timeout=300)
+        assert "Stopped" in message
+        kept = summary(c)["ships"]
+        assert kept["config"]["num_samples"] == 2
+        assert len(kept["top_heads"]) == 10
+    finally:
+        load(c)
 
 
 def test_the_localization_ladder_runs_through_the_api(url: str) -> None:
