@@ -40,8 +40,8 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=1)
     p.add_argument(
         "--pruners",
-        default="wanda,wanda-sequential,sparsegpt,snip,magnitude",
-        help="comma-separated; wanda-sequential is Wanda's sequential mode",
+        default="wanda,wanda-sequential,sparsegpt,snip-one-shot,magnitude",
+        help="comma-separated NAME or NAME-MODE (wanda-sequential, snip-one-shot, snip-sequential)",
     )
     args = p.parse_args()
 
@@ -55,7 +55,7 @@ def main() -> None:
             torch.cuda.synchronize(device)
 
     def run(name: str) -> tuple[float, int]:
-        pruner, mode = (name.split("-") + [None])[:2]
+        pruner, mode = (name.split("-", 1) + [None])[:2]
         cfg = WandaConfig(
             sparsity=args.sparsity, num_samples=args.samples, pruner=pruner, mode=mode
         )
