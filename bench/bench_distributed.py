@@ -60,7 +60,7 @@ def run(label: str, prefix: list[str], threads: int, args, out: Path) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     p.add_argument("--model", default="builtin:smollm2-135m-safe")
     p.add_argument("--prompts", type=int, default=4)
     p.add_argument("--calib", type=int, default=16)
