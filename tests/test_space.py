@@ -156,7 +156,8 @@ def chat(c: Client, message: str) -> dict:
 def test_the_default_model_loads_from_the_hub_cache_and_chats(space: str) -> None:
     c = client(space)
     info, message, *_ = api_load(c, DEFAULT)
-    assert f"`{DEFAULT}` loaded in" in message
+    # loaded now, or already by an earlier test of the module (its only source: the hub cache)
+    assert f"`{DEFAULT}` loaded in" in message or f"`{DEFAULT}` already loaded" in message
     assert "LlamaForCausalLM" in info and "| layers | 30 |" in info
     turn = chat(c, "What is the capital of France?")
     original = turn["answers"]["original"]
