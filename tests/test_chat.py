@@ -364,6 +364,7 @@ def test_regenerate_clear_and_export_the_conversation(session: Client) -> None:
         "top_h": TOP_H,
         "slicing": "head",
         "scope": "heads",
+        "ranking": "wanda",
     }
     assert [t["user"] for t in doc["turns"]] == ["Name a fruit.", "Name a colour."]
     for t in doc["turns"]:
