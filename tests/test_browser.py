@@ -279,12 +279,20 @@ def test_a_column_title_never_covers_its_messages(fresh_page) -> None:
         label = column.locator('label[data-testid="block-label"]').bounding_box()
         tools = column.locator(".top-panel").bounding_box()
         for top in (0, 24):
-            scroller.evaluate(f"e => e.scrollTo({{top: {top}, behavior: 'instant'}})")
-            page.wait_for_function(
-                f"e => Math.abs(e.scrollTop - {top}) < 1", arg=scroller.element_handle()
-            )
-            first = column.locator(".message-row").first.bounding_box()
-            seen = intersection(first, scroller.bounding_box())
+            # the chatbot may still re-render or scroll itself to the bottom after the turn's
+            # last update (its autoscroll): scroll, measure, and keep the measurement only if
+            # the list is still where it was put (looked up afresh each time)
+            for _ in range(50):
+                column.evaluate(
+                    f"c => c.querySelector('.bubble-wrap').scrollTo({{top: {top}, "
+                    "behavior: 'instant'})"
+                )
+                first = column.locator(".message-row").first.bounding_box()
+                seen = intersection(first, scroller.bounding_box())
+                at = column.evaluate("c => c.querySelector('.bubble-wrap').scrollTop")
+                if abs(at - top) < 1 and seen is not None:
+                    break
+                page.wait_for_timeout(100)
             assert seen is not None, (top, first)
             for cover in (label, tools):
                 assert not overlaps(cover, seen), (top, cover, seen)
