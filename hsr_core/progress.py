@@ -71,7 +71,9 @@ def steps(
     Yields:
         ``(item, advance)`` pairs, in order.
     """
-    with bar(desc=desc, total=len(items), unit=unit) as b:
+    # the count with one decimal (tqdm prints a float count in full: 0.5925925925925926/128)
+    fmt = "{l_bar}{bar}| {n:.1f}/{total} [{elapsed}<{remaining}, {rate_fmt}{postfix}]"
+    with bar(desc=desc, total=len(items), unit=unit, bar_format=fmt) as b:
         for i, item in enumerate(items):
 
             def advance(fraction: float, i: int = i) -> None:

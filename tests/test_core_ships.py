@@ -259,3 +259,17 @@ def test_the_bar_moves_inside_each_prompt(tiny_llama, monkeypatch):
     # the bar changes nothing: the same scores in one batch a prompt
     whole = ships_scores(loaded, samples, ShipsConfig(num_samples=3, batch_size=heads))
     assert torch.allclose(scores, whole, atol=1e-4)
+
+
+def test_a_fractional_count_is_printed_with_one_decimal():
+    """The bar of ``progress.steps`` shows ``0.3/3`` inside the first item, not 0.333...3/3."""
+    from tqdm.auto import tqdm
+
+    from hsr_core.progress import steps
+
+    items = steps(["a", "b", "c"], desc="one decimal")
+    _, advance = next(items)
+    advance(1 / 3)
+    shown = [str(b) for b in list(tqdm._instances) if b.desc.startswith("one decimal")]
+    items.close()
+    assert len(shown) == 1 and "0.3/3" in shown[0] and "0.333" not in shown[0], shown
