@@ -62,7 +62,7 @@ from .hooks import HookSet, record_layers, run_layer
 from .masks import Masks, PackedMask
 from .models import LoadedModel
 from .progress import StopFlag, bar, check_stop
-from .wanda import vision_tiles
+from .wanda import check_all_ran, vision_tiles
 
 
 class HessianError(ValueError):
@@ -362,7 +362,7 @@ def hessians(
     if not collector.sums:
         raise ValueError(_NO_TOKENS)
     hs = collector.hessians()
-    _check_all_ran(loaded, wanted, hs)
+    check_all_ran(loaded, wanted, hs)
     return hs
 
 
@@ -376,23 +376,6 @@ def _vision_inputs(loaded: LoadedModel) -> frozenset[str]:
     """The linears that read vision states: ``k_proj`` and ``v_proj`` of cross-attention."""
     a = loaded.adapter
     return frozenset(a.linear_name(l, p) for l in a.cross_layers for p in ("k_proj", "v_proj"))
-
-
-def _check_all_ran(loaded: LoadedModel, names: Sequence[str], seen: Mapping[str, Any]) -> None:
-    """Raise when some linears saw no calibration token (Mllama's cross-attention layers run
-    only for inputs with an image)."""
-    missing = [n for n in names if n not in seen]
-    if not missing:
-        return
-    a = loaded.adapter
-    layers = sorted({a.parse(n)[0] for n in missing})
-    if all(a.layer_kind(l) == "cross" for l in layers):
-        raise ValueError(
-            f"the cross-attention layers {layers} never ran on the calibration samples: "
-            "Llama-3.2-Vision runs them only for inputs with an image; give samples with "
-            "images (the pipeline gives a vision model typographic ones)"
-        )
-    raise ValueError(f"no calibration tokens reached {missing[:3]}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -502,7 +485,7 @@ def sparsegpt_masks(
                 if collector.set_batch(selects[b], tiles[b]):
                     run_layer(a.layers[layer], states[b], kwargs[b][layer])
         hs = collector.hessians()
-        _check_all_ran(loaded, list(linears), hs)
+        check_all_ran(loaded, list(linears), hs)
         pruned: dict[str, torch.Tensor] = {}
         for name, mod in linears.items():
             check_stop(should_stop)

@@ -21,7 +21,7 @@ image, so calibration samples without one give it no statistics (an error says s
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -180,9 +180,9 @@ def _vision_inputs(loaded: LoadedModel) -> frozenset[str]:
     return frozenset(a.linear_name(l, p) for l in a.cross_layers for p in ("k_proj", "v_proj"))
 
 
-def _check_all_ran(loaded: LoadedModel, names: Sequence[str], seen: set[str]) -> None:
+def check_all_ran(loaded: LoadedModel, names: Sequence[str], seen: Collection[str]) -> None:
     """Raise when some linears saw no calibration input (Mllama's cross-attention layers skip
-    inputs without an image)."""
+    inputs without an image); shared by Wanda's statistics and SparseGPT's Hessians."""
     missing = [n for n in names if n not in seen]
     if not missing:
         return
@@ -244,7 +244,7 @@ def wanda_norms(
             "no calibration tokens were selected: the samples have no responses; "
             "give answers or use tokens='all'"
         )
-    _check_all_ran(loaded, list(modules), set(collector.sums))
+    check_all_ran(loaded, list(modules), set(collector.sums))
     return collector.norms()
 
 
@@ -302,7 +302,7 @@ def _shared_wanda_norms(
                     "no calibration tokens were selected: the samples have no responses; "
                     "give answers or use tokens='all'"
                 )
-            _check_all_ran(loaded, list(modules), set(collector.sums))
+            check_all_ran(loaded, list(modules), set(collector.sums))
             result = collector.norms()
         except ValueError as e:
             result = str(e)
@@ -499,7 +499,7 @@ def sequential_masks(
             for b in ran[layer]:
                 collector.set_batch(selects[b], tiles[b])
                 run_layer(a.layers[layer], states[b], kwargs[b][layer])
-        _check_all_ran(loaded, list(linears), set(collector.sums))
+        check_all_ran(loaded, list(linears), set(collector.sums))
         norms = collector.norms()
         for n, v in norms.items():
             check_finite(n, v)
