@@ -151,10 +151,40 @@ def save_tiny_llama(folder: Path, *, seed: int = 0, **overrides: Any) -> Path:
     return Path(folder)
 
 
+def tiny_clip_vision_config() -> Any:
+    """The tiny LLaVA models' CLIP tower: 2 layers, 2 heads, hidden 32, 8x8 patches of
+    ``TINY_IMAGE_SIZE`` images (16 patches and a class token)."""
+    from transformers import CLIPVisionConfig
+
+    return CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=TINY_IMAGE_SIZE,
+        patch_size=8,
+        projection_dim=32,
+    )
+
+
+def tiny_llava_processor(processor_cls: Any, image_processor: Any, tokenizer: Any) -> Any:
+    """A LLaVA-style processor (``LlavaProcessor`` or ``LlavaNextProcessor``) for the tiny
+    CLIP tower: 8-pixel patches, the class token dropped ("default" feature strategy), the
+    ``<image>`` token and the ChatML template."""
+    return processor_cls(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=8,
+        vision_feature_select_strategy="default",
+        image_token="<image>",
+        num_additional_image_tokens=1,
+        chat_template=CHATML_TEMPLATE,
+    )
+
+
 def save_tiny_llava_next(folder: Path, *, seed: int = 0, **text_overrides: Any) -> Path:
     """Create the tiny LLaVA-NeXT (CLIP tower, projector, tiny Llama) and save it with a processor."""
     from transformers import (
-        CLIPVisionConfig,
         GenerationConfig,
         LlavaNextConfig,
         LlavaNextForConditionalGeneration,
@@ -168,26 +198,9 @@ def save_tiny_llava_next(folder: Path, *, seed: int = 0, **text_overrides: Any) 
         crop_size={"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE},
         image_grid_pinpoints=TINY_PINPOINTS,
     )
-    processor = LlavaNextProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=8,
-        vision_feature_select_strategy="default",
-        image_token="<image>",
-        num_additional_image_tokens=1,
-        chat_template=CHATML_TEMPLATE,
-    )
-    vision = CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        image_size=TINY_IMAGE_SIZE,
-        patch_size=8,
-        projection_dim=32,
-    )
+    processor = tiny_llava_processor(LlavaNextProcessor, image_processor, tokenizer)
     config = LlavaNextConfig(
-        vision_config=vision,
+        vision_config=tiny_clip_vision_config(),
         text_config=tiny_llama_config(tokenizer, **text_overrides),
         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
         image_grid_pinpoints=TINY_PINPOINTS,

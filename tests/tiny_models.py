@@ -14,7 +14,14 @@ from typing import Any
 
 import torch
 
-from hsr_core.builtin import CHATML_TEMPLATE, TINY_IMAGE_SIZE, build_tokenizer, tiny_llama_config
+from hsr_core.builtin import (
+    CHATML_TEMPLATE,
+    TINY_IMAGE_SIZE,
+    build_tokenizer,
+    tiny_clip_vision_config,
+    tiny_llama_config,
+    tiny_llava_processor,
+)
 
 QWEN_VISION_TOKENS = ["<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>"]
 QWEN_VL_TEMPLATE = CHATML_TEMPLATE.replace(
@@ -71,36 +78,19 @@ def save_tiny_llava(folder: Path, *, seed: int = 0) -> Path:
     """A tiny plain ``LlavaForConditionalGeneration`` (CLIP tower, projector, tiny Llama)."""
     from transformers import (
         CLIPImageProcessor,
-        CLIPVisionConfig,
         LlavaConfig,
         LlavaForConditionalGeneration,
         LlavaProcessor,
     )
 
     tokenizer = build_tokenizer()
-    processor = LlavaProcessor(
-        image_processor=CLIPImageProcessor(
-            size={"shortest_edge": TINY_IMAGE_SIZE},
-            crop_size={"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE},
-        ),
-        tokenizer=tokenizer,
-        patch_size=8,
-        vision_feature_select_strategy="default",
-        image_token="<image>",
-        num_additional_image_tokens=1,
-        chat_template=CHATML_TEMPLATE,
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": TINY_IMAGE_SIZE},
+        crop_size={"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE},
     )
-    vision = CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        image_size=TINY_IMAGE_SIZE,
-        patch_size=8,
-        projection_dim=32,
-    )
+    processor = tiny_llava_processor(LlavaProcessor, image_processor, tokenizer)
     config = LlavaConfig(
-        vision_config=vision,
+        vision_config=tiny_clip_vision_config(),
         text_config=tiny_llama_config(tokenizer),
         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
         vision_feature_layer=-1,
