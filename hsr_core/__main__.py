@@ -84,7 +84,22 @@ def _add_common(p: argparse.ArgumentParser, command: str) -> None:
     )
     g.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    g.add_argument(
+        "--device",
+        default="auto",
+        help="auto, cpu, cuda (every visible GPU), cuda:N, or cuda:N,M,... (the model spread "
+        "over those GPUs)",
+    )
+    g.add_argument(
+        "--gpus-per-process",
+        type=int,
+        default=None,
+        metavar="K",
+        help="GPUs each process's model is spread over (a device_map group, for a model larger "
+        "than one GPU): under accelerate launch --num_processes N, process r takes GPUs "
+        "r*K..r*K+K-1 of the N*K visible; one process takes 0..K-1 (default: one process "
+        "every visible GPU, several one GPU each)",
+    )
     g.add_argument(
         "--trust-remote-code", action="store_true", help="allow code from the model repository"
     )
@@ -479,7 +494,8 @@ def execute(command: str, args: argparse.Namespace) -> dict[str, Any]:
     from .distributed import local_device, world
 
     w = world()  # accelerate launch: Ships and the statistics split among the processes
-    args.device = local_device(args.device)  # several processes: each its own GPU
+    # several processes: each its own GPU, or its own group of --gpus-per-process GPUs
+    args.device = local_device(args.device, args.gpus_per_process)
     run = run_config(args)  # checks every setting before a model is loaded
     if command == "localize":
         localize_config(args)

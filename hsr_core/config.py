@@ -49,6 +49,26 @@ def _check(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def cuda_group(device: str) -> tuple[int, ...] | None:
+    """The GPU indices of a device written ``cuda:N`` or ``cuda:N,M,...`` (a ``device_map``
+    group: the model spread over those GPUs, ``hsr_core.models.placement``); None for any
+    other device (``cuda`` alone included).
+
+    Raises:
+        ConfigError: an index that is not a number, or one given twice.
+    """
+    if not device.startswith("cuda:"):
+        return None
+    parts = device[len("cuda:") :].split(",")
+    _check(
+        all(p.isdigit() for p in parts),
+        f"device must be cuda:N or cuda:N,M,... (GPU indices), got {device!r}",
+    )
+    group = tuple(int(p) for p in parts)
+    _check(len(set(group)) == len(group), f"device {device!r} names a GPU twice")
+    return group
+
+
 def _fraction(name: str, value: float, *, upper_inclusive: bool = True) -> None:
     hi_ok = value <= 1.0 if upper_inclusive else value < 1.0
     _check(
@@ -66,7 +86,8 @@ class ModelSpec:
         name: a Hugging Face hub id, a local folder, or ``builtin:<name>``.
         revision: hub revision (branch, tag or commit); ignored for folders.
         dtype: weight dtype; ``auto`` takes bfloat16 on a GPU and float32 on the CPU.
-        device: ``auto`` (a GPU when there is one), ``cpu``, ``cuda`` or ``mps``.
+        device: ``auto`` (a GPU when there is one), ``cpu``, ``cuda`` (every visible GPU),
+            ``cuda:N``, ``cuda:N,M,...`` (the model spread over those GPUs) or ``mps``.
         trust_remote_code: let transformers run code from the checkpoint's repository.
     """
 
@@ -81,8 +102,9 @@ class ModelSpec:
         _check(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         _check(
             self.device in DEVICES or self.device.startswith("cuda:"),
-            f"device must be one of {DEVICES} or cuda:N, got {self.device!r}",
+            f"device must be one of {DEVICES}, cuda:N or cuda:N,M,..., got {self.device!r}",
         )
+        cuda_group(self.device)  # the indices of cuda:N[,M...]
 
 
 @dataclass(frozen=True)

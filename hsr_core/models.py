@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .builtin import BuiltinModelError, materialize
-from .config import ModelSpec
+from .config import ModelSpec, cuda_group
 from .folders import damaged_weights
 from .hub import hub_reachable
 
@@ -279,7 +279,22 @@ class LoadedModel:
 
     @property
     def device(self) -> torch.device:
+        """Where the model's inputs go: the device of its input embeddings (for a model spread
+        over several GPUs by a ``device_map``, the first of its group; accelerate's hooks move
+        the hidden states from layer to layer), else that of the first decoder layer."""
+        try:
+            weight = getattr(self.model.get_input_embeddings(), "weight", None)
+        except (AttributeError, NotImplementedError):  # a model without input embeddings
+            weight = None
+        if isinstance(weight, torch.Tensor) and weight.device.type != "meta":
+            return weight.device
         return self.adapter.attention(0).q_proj.weight.device
+
+    @property
+    def devices(self) -> list[torch.device]:
+        """Every device holding a parameter, in the order of the parameters (one, unless a
+        ``device_map`` spread the model over several GPUs)."""
+        return list(dict.fromkeys(p.device for p in self.model.parameters()))
 
     @property
     def dtype(self) -> torch.dtype:
@@ -303,21 +318,73 @@ class LoadedModel:
             "attention": "GQA" if a.num_kv_heads < a.num_heads else "MHA",
             "cross_attention_layers": sorted(a.cross_layers),
             "vision_tower": self.is_vision,
-            "device": str(self.device),
+            "device": ", ".join(str(d) for d in self.devices),
             "dtype": str(self.dtype).replace("torch.", ""),
             "weights_memory_mb": round(n_bytes / 2**20, 1),
         }
 
 
 def resolve_device(device: str) -> str:
-    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``."""
+    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``.
+
+    Raises:
+        ModelLoadError: a CUDA device without a GPU, or a GPU index that is not visible.
+    """
     if device != "auto":
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise ModelLoadError(
                 f"device {device!r} was asked for but no CUDA GPU is visible; use --device cpu"
             )
+        visible = torch.cuda.device_count() if device.startswith("cuda") else 0
+        missing = [i for i in cuda_group(device) or () if i >= visible]
+        if missing:
+            raise ModelLoadError(
+                f"device {device!r} names GPU {missing[0]}, but {visible} "
+                f"{'is' if visible == 1 else 'are'} visible (0..{visible - 1}): name visible "
+                "GPUs, or use --device auto"
+            )
         return device
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def placement(device: str) -> tuple[str, dict[int, int] | None]:
+    """The ``device_map`` and ``max_memory`` to load a model with on ``device`` (resolved).
+
+    A group of several GPUs (``cuda:N,M,...``, or ``cuda`` with several visible: all of them)
+    is ``device_map="auto"`` with ``max_memory`` listing those GPUs only, each with its free
+    memory: accelerate then balances the decoder layers over the group and never places a part
+    on another GPU, the CPU or the disk (a model too large for the group is refused after
+    loading, ``check_placement``). Any single device is itself, without ``max_memory``.
+    """
+    group = cuda_group(device)
+    if group is None and device == "cuda" and torch.cuda.device_count() > 1:
+        group = tuple(range(torch.cuda.device_count()))
+    if group is None or len(group) == 1:
+        return device, None
+    return "auto", {i: int(torch.cuda.mem_get_info(i)[0]) for i in group}
+
+
+def check_placement(model: nn.Module, max_memory: dict[int, int] | None, what: str) -> None:
+    """Refuse a model that a ``device_map`` placed partly outside its GPU group.
+
+    accelerate puts what does not fit the GPUs on the CPU or the disk, keeping those weights
+    outside the module (its hooks bring them in for each forward); HSR's masks and restores
+    write the weights in place, so such a model cannot be pruned or realigned.
+
+    Raises:
+        ModelLoadError: naming the group and what to do.
+    """
+    where = getattr(model, "hf_device_map", None)
+    if not max_memory or not where:
+        return
+    outside = sorted({str(d) for d in where.values() if d not in max_memory})
+    if outside:
+        gpus = ", ".join(str(i) for i in max_memory)
+        raise ModelLoadError(
+            f"{what} does not fit GPUs {gpus}: accelerate placed part of it on {', '.join(outside)}, "
+            "whose weights HSR cannot edit. Give it more GPUs (--gpus-per-process, or "
+            "--device cuda:N,M,...), use bfloat16, or pick a smaller model."
+        )
 
 
 def resolve_dtype(dtype: str, device: str) -> torch.dtype:
@@ -525,16 +592,22 @@ def load_model(
     device = resolve_device(spec.device)
     dtype = resolve_dtype(spec.dtype, device)
     log(f"Loading {spec.name} ({dtype}, {device})...")
-    device_map = "auto" if device == "cuda" and torch.cuda.device_count() > 1 else device
+    device_map, max_memory = placement(device)
+    extra = {} if max_memory is None else {"max_memory": max_memory}
     try:
         model = auto_cls.from_pretrained(
-            path, dtype=dtype, device_map=device_map, trust_remote_code=spec.trust_remote_code
+            path,
+            dtype=dtype,
+            device_map=device_map,
+            trust_remote_code=spec.trust_remote_code,
+            **extra,
         )
     except torch.OutOfMemoryError as e:
         raise ModelLoadError(
             f"Out of memory loading {spec.name} in {dtype} on {device}: pick a smaller model, "
-            "bfloat16, or the CPU."
+            "bfloat16, more GPUs (--gpus-per-process), or the CPU."
         ) from e
+    check_placement(model, max_memory, f"{spec.name} in {dtype}")
     model.eval()
     adapter = build_adapter(model)
     if is_vision:

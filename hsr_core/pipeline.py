@@ -275,8 +275,9 @@ def _forward_seconds(loaded: LoadedModel, sample: Sample, with_response: bool) -
     for _ in range(3):
         t0 = time.perf_counter()
         loaded.model(**inputs, use_cache=False)
-        if loaded.device.type == "cuda":
-            torch.cuda.synchronize()
+        for device in loaded.devices:  # every GPU of a device_map group
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
         times.append(time.perf_counter() - t0)
     return min(times[1:])
 

@@ -85,7 +85,8 @@ def ablated_finals(
                 if new:
                     fresh = record.inputs[layer].expand(len(new), -1, -1)  # [new, seq, hidden]
                     before = 0 if x is None else x.shape[0]
-                    x = fresh if x is None else torch.cat([x, fresh])
+                    # a model spread over GPUs: x is on the previous layer's device
+                    x = fresh if x is None else torch.cat([x, fresh.to(x.device)])
                     row_heads = torch.full((x.shape[0],), -1, dtype=torch.long)
                     row_heads[before:] = torch.tensor(new)
                     add_head_ablation(hooks, a, layer, row_heads, mode)
