@@ -442,7 +442,10 @@ def say_estimate(
     command: str, run: RunConfig, loaded: Any, calib: Any, cache: Any, args: Any, log: Any
 ) -> dict[str, float]:
     """Print the estimated time of the long steps (Ships, Wanda statistics) before they start,
-    when it is long, with the options that make it shorter."""
+    when it is long, with the options that make it shorter. Under ``accelerate launch`` with
+    N processes both steps are split N ways (``hsr_core.distributed``): the estimate is the
+    one-process time over N (the gather at the end is not counted)."""
+    from . import distributed
     from . import pipeline as pl
 
     ships = command in ("attribute", "realign", "evaluate", "export", "run", "localize", "grid")
@@ -462,6 +465,12 @@ def say_estimate(
         recompute=args.recompute,
         top_h=run.realign.top_h,
     )
+    processes = distributed.world().size
+    est = {
+        **est,
+        "attribute": est["attribute"] / processes,
+        "calibrate": est["calibrate"] / processes,
+    }
     total = est["attribute"] + est["calibrate"]
     if total > ESTIMATE_SAY_S:
         a = loaded.adapter
@@ -477,7 +486,8 @@ def say_estimate(
                 f"{len(utility)} samples"
             )
         log(
-            f"Estimated time: about {_duration(total)} on {loaded.device.type} "
+            f"Estimated time: about {_duration(total)} on {loaded.device.type}"
+            f"{f' (split over {processes} processes)' if processes > 1 else ''} "
             f"({', '.join(steps)}; one forward pass takes {est['forward'] * 1000:.0f} ms). "
             "Shorter: --ships-samples 8 --calib-samples 32 (the app's CPU settings), "
             "--heads-file with an earlier run's heads.jsonl, or a GPU. Results are cached: a "

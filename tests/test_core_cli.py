@@ -239,3 +239,35 @@ def test_a_long_run_says_how_long_and_how_to_shorten_it(tmp_path, cache_root, ca
     assert "Wanda statistics" in err and "--ships-samples 8 --calib-samples 32" in err
     assert main(["prune", *args]) == 0
     assert "Estimated time" not in capsys.readouterr().err
+
+
+def test_the_estimate_is_split_over_the_processes(monkeypatch):
+    """Under accelerate launch with N processes Ships and the statistics are split N ways: the
+    estimate is the one-process estimate over N and says so."""
+    from types import SimpleNamespace
+
+    from hsr_core import __main__ as cli
+    from hsr_core import distributed
+    from hsr_core import pipeline as pl
+
+    one = {"attribute": 300.0, "calibrate": 120.0, "forward": 0.01}
+    monkeypatch.setattr(pl, "estimate", lambda *a, **k: dict(one))
+    monkeypatch.setattr(pl, "probe_prompts", lambda *a: ["probe"] * 4)
+    monkeypatch.setattr(pl, "calibration_samples", lambda *a: (["s"] * 2, ["u"] * 2))
+    loaded = SimpleNamespace(
+        adapter=SimpleNamespace(num_layers=2, num_heads=4), device=torch.device("cpu")
+    )
+    args = cli.build_parser().parse_args(["run", "--model", "builtin:tiny-llama", "--out", "o"])
+    run = cli.run_config(args)
+
+    def said(size: int) -> tuple[dict[str, float], str]:
+        monkeypatch.setattr(distributed, "world", lambda: distributed.World(0, size))
+        lines: list[str] = []
+        est = cli.say_estimate("run", run, loaded, None, None, args, lines.append)
+        return est, " ".join(lines)
+
+    est, text = said(1)
+    assert est == one and "about 7 min on cpu (Ships" in text
+    est, text = said(3)
+    assert est == {"attribute": 100.0, "calibrate": 40.0, "forward": 0.01}
+    assert "about 2 min on cpu (split over 3 processes) (Ships 2 min" in text
