@@ -13,7 +13,11 @@
 # survivors are equivalent. Environment: JOBS (parallel mutants, default 2), NICE (default 19),
 # ONLY (mutmut's mutant-name patterns, space-separated, e.g. ONLY='hsr_core.evaluate.x_rates*
 # hsr_core.evaluate.x_rsr*': only those functions' mutants; default all of the module's),
-# KEEP=1 (go on in the scratch copy of an earlier, stopped run: mutmut keeps each verdict).
+# KEEP=1 (go on in the scratch copy of an earlier run, its tests/ refreshed from the working
+# tree: mutmut keeps each verdict; with ONLY naming survivors, reruns just those),
+# TIMEOUT_CONSTANT / TIMEOUT_MULTIPLIER (mutmut's, default 30 s and 10x: a mutant is "timeout"
+# after (its tests' measured time + 30 s) * 10 of wall clock; changing them reruns only the
+# mutants recorded as timeouts).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -26,16 +30,16 @@ module=${module#hsr_core/}
 [[ -f hsr_core/$module.py ]] || { echo "error: no hsr_core/$module.py" >&2; exit 2; }
 
 declare -A TESTS=(
-  [judges]="tests/test_core_judges.py tests/test_oracle_evaluate.py"
+  [judges]="tests/test_oracle_judges.py tests/test_core_judges.py tests/test_oracle_evaluate.py"
   [evaluate]="tests/test_oracle_evaluate.py tests/test_oracle_evaluate_records.py tests/test_core_judges.py tests/test_core_stats.py"
   [heads]="tests/test_core_heads.py tests/test_oracle_realign.py"
   [realign]="tests/test_oracle_realign.py tests/test_core_realign.py"
   [ships]="tests/test_oracle_ships.py tests/test_core_ships.py"
   [wanda]="tests/test_core_wanda.py"
-  [masks]="tests/test_core_wanda.py tests/test_oracle_variants.py"
+  [masks]="tests/test_oracle_masks.py"
   [variants]="tests/test_oracle_variants.py"
   [hooks]="tests/test_core_ships.py tests/test_oracle_ships.py"
-  [stats]="tests/test_core_stats.py"
+  [stats]="tests/test_oracle_stats.py tests/test_core_stats.py"
   [pipeline]="tests/test_core_pipeline.py tests/test_core_cli_values.py"
 )
 if [[ $# -gt 0 ]]; then
@@ -64,6 +68,8 @@ if [[ ${KEEP:-0} != 1 || ! -f $WORK/setup.cfg ]]; then
   rm -rf "$WORK"
   mkdir -p "$WORK"
   git ls-files -co --exclude-standard -z | tar --null -T - -cf - | tar -xf - -C "$WORK"
+else  # the tests as they are now: a rerun of survivors sees the tests written for them
+  git ls-files -co --exclude-standard -z -- tests | tar --null -T - -cf - | tar -xf - -C "$WORK"
 fi
 {
   echo "[mutmut]"
@@ -78,6 +84,11 @@ fi
   echo "pytest_add_cli_args_test_selection ="
   for t in "${tests[@]}"; do echo "    $t"; done
   echo "process_isolation = forkserver"
+  # mutmut's wall-clock limit is (estimated test time + constant) * multiplier, its CPU limit
+  # twice that; its defaults (1 s, 15x) call most mutants "timeout" at nice 19 on a loaded
+  # 2-core machine (a run of a few seconds' CPU waits minutes for a core), so they are raised
+  echo "timeout_constant = ${TIMEOUT_CONSTANT:-30}"
+  echo "timeout_multiplier = ${TIMEOUT_MULTIPLIER:-10}"
   echo "use_git_change_detection = False"
 } >"$WORK/setup.cfg"
 
