@@ -283,6 +283,65 @@ def test_eta_is_added_to_the_progress_text(monkeypatch: pytest.MonkeyPatch) -> N
     assert tracker.sent == ["Ships attribution", "Ships attribution · 18 s left"]  # 6 x 3 s
 
 
+def test_progress_reports_reach_the_page_at_most_twice_a_second(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Reports closer than the interval are dropped, except a new bar, a closed bar and a bar's
+    last step (a page redrawing 100 progress reports a second stops answering clicks)."""
+    from types import SimpleNamespace
+
+    import ui.events
+    from ui.events import PROGRESS_INTERVAL_S, show_eta
+
+    assert PROGRESS_INTERVAL_S == 0.5
+    clock = SimpleNamespace(now=0.0)
+    monkeypatch.setattr(ui.events, "time", SimpleNamespace(monotonic=lambda: clock.now))
+
+    class Bar:
+        def __init__(self, length: int) -> None:
+            self.desc, self.index, self.length = "bar", 0, length
+
+    class Tracker:
+        def __init__(self) -> None:
+            self.iterables = [Bar(100)]
+            self.sent: list[tuple[float, int, int]] = []  # (time, bars, index of the last)
+
+        def _progress_callback(self):
+            return lambda bars: self.sent.append((clock.now, len(bars), bars[-1].index))
+
+    tracker = Tracker()
+    show_eta(tracker)
+
+    def report() -> None:
+        tracker._progress_callback()(tracker.iterables)
+
+    bar = tracker.iterables[0]
+    expected = []
+    for step in range(100):  # a step every 0.1 s: every fifth reaches the page
+        clock.now = round(step * 0.1, 6)
+        bar.index = step
+        report()
+        if step % 5 == 0:
+            expected.append((clock.now, 1, step))
+    bar.index = 100  # the last step, 0.45 s after the last report sent: sent
+    clock.now = 9.95
+    report()
+    expected.append((9.95, 1, 100))
+    inner = Bar(3)
+    tracker.iterables.append(inner)  # a new bar at once: sent
+    clock.now = 10.05
+    report()
+    expected.append((10.05, 2, 0))
+    inner.index = 1
+    clock.now = 10.1  # 0.05 s later, same bars: dropped
+    report()
+    tracker.iterables.pop()  # the inner bar closed: sent
+    clock.now = 10.15
+    report()
+    expected.append((10.15, 1, 100))
+    assert tracker.sent == expected
+
+
 # ---------------------------------------------------------------------------------------------
 # the launched app, through gradio_client
 

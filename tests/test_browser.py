@@ -566,12 +566,6 @@ def test_a_failed_chat_turn_gives_the_buttons_back(page) -> None:
     expect(chat_status).to_have_text("")
 
 
-@pytest.mark.xfail(
-    reason="known bug, open in issue 18: after the image-file and failed-chat tests this Stop is "
-    "lost and Ships runs to its end (3 clean-clone CI runs on 2026-12-01, with 8 and 16 layers); "
-    "passes alone",
-    strict=False,
-)
 def test_progress_and_stop(page, tmp_path_factory: pytest.TempPathFactory) -> None:
     """Last: it loads a slow model into the main tab (the tests before need its results)."""
     from playwright.sync_api import expect

@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import math
 import threading
 import time
 from collections import OrderedDict
@@ -189,20 +190,46 @@ def _duration(seconds: float) -> str:
     return f"{minutes // 60} h {minutes % 60:02d} min"
 
 
-def show_eta(progress: Any) -> None:
-    """Add the remaining time of the running tqdm bar to the progress text gradio shows.
+PROGRESS_INTERVAL_S = 0.5
+"""The least time between two progress reports of one job sent to the page (``show_eta``)."""
+
+
+def show_eta(progress: Any, interval: float = PROGRESS_INTERVAL_S) -> None:
+    """Add the remaining time of the running tqdm bar to the progress text gradio shows, and
+    send the page at most one progress report every ``interval`` seconds.
 
     Gradio's tqdm tracking shows ``n/total unit`` and the elapsed time. This wraps the
     tracker's callback (on this one tracker object, nothing global) so that each report also
     sets the bar's text to ``desc · <time> left``, extrapolated from the bar's own pace. A
     no-op when the tracker is not gradio's.
+
+    Why the interval: gradio forwards every tqdm update, up to 100 a second, and the page
+    redraws its progress for each. A step with many small units (Ships' replay batches on a
+    small model) then keeps a page full of plots busy redrawing, and it stops answering: on
+    a 2-core machine a click on Stop waited the whole 100 s of a Ships run. A report that
+    adds or removes a bar, or finishes one, is always sent.
     """
     original = getattr(progress, "_progress_callback", None)
     if original is None or not hasattr(progress, "iterables"):
         return
+    last = {"at": -math.inf, "shape": None}
+
+    def due(bars: list[Any]) -> bool:
+        now = time.monotonic()
+        try:
+            shape = tuple(id(b) for b in bars)
+            finished = bars[-1].length is not None and (bars[-1].index or 0) >= bars[-1].length
+        except (AttributeError, IndexError, TypeError):
+            shape, finished = None, True
+        if shape != last["shape"] or finished or now - last["at"] >= interval:
+            last.update(at=now, shape=shape)
+            return True
+        return False
 
     def with_eta(report: Callable) -> Callable:
         def send(bars: list[Any]) -> Any:
+            if not due(bars):
+                return None
             try:
                 bar = bars[-1]
                 state = bar.__dict__
