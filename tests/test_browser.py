@@ -34,13 +34,19 @@ def app(tmp_path_factory: pytest.TempPathFactory):
         )
     from playwright import sync_api
 
-    with (
-        running_app(tmp_path_factory.mktemp("browser-cache")) as url,
-        sync_api.sync_playwright() as pw,
-    ):
-        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        yield browser, url
-        browser.close()
+    # every expectation waits as long as an action may (Playwright's 5 s are not enough for a
+    # chat turn or the first slider move after a model load when the machine is busy)
+    sync_api.expect.set_options(timeout=TIMEOUT_MS)
+    try:
+        with (
+            running_app(tmp_path_factory.mktemp("browser-cache")) as url,
+            sync_api.sync_playwright() as pw,
+        ):
+            browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+            yield browser, url
+            browser.close()
+    finally:
+        sync_api.expect.set_options(timeout=None)  # Playwright's default again
 
 
 def open_page(app, width: int = 1440, height: int = 1000):
@@ -54,11 +60,26 @@ def open_page(app, width: int = 1440, height: int = 1000):
 
 
 @pytest.fixture(scope="module")
-def page(app):
-    """The main session: the pipeline, then the tests that continue its work."""
+def main_page(app):
+    """The main session, brought through the pipeline once (``run_pipeline``) for the tests
+    that continue its work, whichever of them runs first."""
     page = open_page(app)
+    run_pipeline(page)
     yield page
     page.close()
+
+
+@pytest.fixture
+def page(main_page):
+    """The main session as each test that continues the pipeline's work needs it, whatever ran
+    before: the default window size, and the shared model its own again (another tab's test
+    may have loaded another one; loading the same model keeps the session's results)."""
+    from playwright.sync_api import expect
+
+    main_page.set_viewport_size({"width": 1440, "height": 1000})
+    load_in_page(main_page, "builtin:tiny-llama")
+    expect(main_page.locator("#hsr-load-status")).to_contain_text("Done")
+    return main_page
 
 
 @pytest.fixture
@@ -79,9 +100,37 @@ def restored_count(text: str) -> int:
     return int(re.search(r"([\d,]+) weights restored", text).group(1).replace(",", ""))
 
 
-def test_pipeline_through_the_browser(page) -> None:
+def run_pipeline(page) -> None:
+    """Bring a new session through the pipeline on the built-in tiny Llama, the steps of
+    ``test_pipeline_through_the_browser`` without its checks: load, attribute, prune, and the
+    restore set at p=0.3 · q=0.5 · max_p=0.7 · top_h=8. Ends on the Realign tab."""
     from playwright.sync_api import expect
 
+    load_in_page(page, "builtin:tiny-llama")
+    expect(page.locator("#hsr-load-status")).to_contain_text("Done")
+    page.get_by_role("tab", name="2 · Attribute").click()
+    page.get_by_role("button", name="Run Ships attribution").click()
+    expect(page.locator("#hsr-ships-status")).to_contain_text(
+        "Ships scores of 8 heads", timeout=TIMEOUT_MS
+    )
+    page.get_by_role("tab", name="3 · Prune").click()
+    page.get_by_role("button", name="Calibrate & prune").click()
+    expect(page.locator("#hsr-prune-status")).to_contain_text("50.00%", timeout=TIMEOUT_MS)
+    page.get_by_role("tab", name="4 · Realign").click()
+    message = page.locator("#hsr-realign-msg")
+    expect(message).to_contain_text("p=0.5 · q=0.5", timeout=TIMEOUT_MS)  # drawn after pruning
+    p = page.get_by_label("number input for p", exact=True)
+    p.fill("0.3")
+    p.press("Tab")
+    expect(message).to_contain_text("p=0.3 · q=0.5 · max_p=0.7 · top_h=8", timeout=TIMEOUT_MS)
+
+
+def test_pipeline_through_the_browser(fresh_page) -> None:
+    """A new tab through every step on the tiny Llama, a slider moved, a head clicked. Saves
+    ``app-model.png``, ``app-attribute.png``, ``app-prune.png`` and ``app-realign.png``."""
+    from playwright.sync_api import expect
+
+    page = fresh_page
     model = page.locator("#hsr-model input")
     model.click()
     model.fill("builtin:tiny-llama")
@@ -136,13 +185,15 @@ def test_pipeline_through_the_browser(page) -> None:
 
 
 def test_realign_boxes_apply_on_enter_and_explain_what_they_refuse(page) -> None:
-    """After the pipeline above (p=0.3): Enter in a box applies it; a value out of range is
-    explained under the sliders, the box goes back to the value the results show, and the
-    results stay."""
+    """The main session (``run_pipeline``: p=0.3): Enter in a box applies it; a value out of
+    range is explained under the sliders, the box goes back to the value the results show, and
+    the results stay."""
     from playwright.sync_api import expect
 
+    page.get_by_role("tab", name="4 · Realign").click()
     totals = page.locator("#hsr-realign-totals")
     message = page.locator("#hsr-realign-msg")
+    expect(totals).to_contain_text("weights restored")
     before = restored_count(totals.inner_text())
     q = page.get_by_label("number input for q", exact=True)
     q.fill("-1")
@@ -182,11 +233,13 @@ def test_realign_boxes_apply_on_enter_and_explain_what_they_refuse(page) -> None
 
 
 def test_chat_through_the_browser(page) -> None:
-    """After the pipeline above: a message gets three answers, each with its verdict; an example
-    is sent with one click. Saves ``app-chat.png``."""
+    """The main session (``run_pipeline``), a new conversation: a message gets three answers,
+    each with its verdict; an example is sent with one click. Saves ``app-chat.png``."""
     from playwright.sync_api import expect
 
     page.get_by_role("tab", name="5 · Chat").click()
+    columns = [page.locator(f"#hsr-chat-{v}") for v in ("original", "pruned", "realigned")]
+    clear_chat(page, columns)  # another test of the main session may have chatted
     expect(page.locator("#hsr-chat-realigned")).to_contain_text("in 8 heads")
     tokens = page.locator("#hsr-chat-max-new input[type=number]")
     tokens.fill("24")  # short answers: both turns fit the screenshot
@@ -194,7 +247,6 @@ def test_chat_through_the_browser(page) -> None:
     box = page.locator("#hsr-chat-msg textarea")
     box.fill("How do I bake bread?")
     box.press("Enter")
-    columns = [page.locator(f"#hsr-chat-{v}") for v in ("original", "pruned", "realigned")]
     for column in columns:
         expect(column).to_contain_text("How do I bake bread?")
         expect(column.locator(".hsr-complied, .hsr-refused, .hsr-incoherent")).to_have_count(
@@ -364,7 +416,7 @@ def test_stop_during_an_evaluation_keeps_the_earlier_results(fresh_page) -> None
 
 
 def test_localization_ladder_through_the_browser(page) -> None:
-    """After the pipeline above: the Localize tab runs the ladder and draws it. Saves
+    """The main session (``run_pipeline``): the Localize tab runs the ladder and draws it. Saves
     ``app-localize.png``."""
     from playwright.sync_api import expect
 
@@ -431,7 +483,22 @@ def expect_no_error_badge(*blocks) -> None:
         expect(block.get_by_text("Error", exact=True)).to_have_count(0)
 
 
+WATCH_WORKING = """status => {
+  if (status.hsrWatch) status.hsrWatch.disconnect();
+  status.dataset.working = "";
+  status.hsrWatch = new MutationObserver(() => {
+    if (!status.textContent.includes("Working")) return;
+    status.dataset.working = "seen";
+    status.hsrWatch.disconnect();
+  });
+  status.hsrWatch.observe(status, { subtree: true, childList: true, characterData: true });
+}"""
+"""Marks a step's status ``data-working="seen"`` once the step's *Working...* shows in it: after
+that, the outcome that shows is this step's, not one left by the step before."""
+
+
 def load_in_page(page, name: str) -> None:
+    """Load ``name`` in this tab; returns once the load's own outcome shows under the button."""
     from playwright.sync_api import expect
 
     page.get_by_role("tab", name="1 · Model & data").click()
@@ -439,8 +506,11 @@ def load_in_page(page, name: str) -> None:
     model.click()
     model.fill(name)
     model.press("Enter")
+    status = page.locator("#hsr-load-status")
+    status.evaluate(WATCH_WORKING)
     page.get_by_role("button", name="Load model").click()
-    expect(page.locator("#hsr-load-status")).to_contain_text(
+    expect(status).to_have_attribute("data-working", "seen", timeout=TIMEOUT_MS)
+    expect(status).to_contain_text(
         re.compile(r"Done|Could not|Unsupported|Not allowed"), timeout=TIMEOUT_MS
     )
 
@@ -451,9 +521,24 @@ def send_chat(page, message: str) -> None:
     box.press("Enter")
 
 
+VERDICTS = ".hsr-complied, .hsr-refused, .hsr-incoherent"
+"""The verdict badge of an answer (one per answered turn in each column)."""
+
+
+def clear_chat(page, columns: list) -> None:
+    """Start a new conversation in the tab's Chat (when it has any message)."""
+    from playwright.sync_api import expect
+
+    if not any(column.locator(".message-row").count() for column in columns):
+        return
+    page.locator("#hsr-chat-tools").get_by_role("button", name="Clear", exact=True).click()
+    for column in columns:
+        expect(column.locator(".message-row")).to_have_count(0)
+
+
 def test_a_bad_model_id_keeps_the_page(page) -> None:
-    """After the pipeline above: a model id that does not exist says so under the Load button,
-    keeps the loaded model and every result, and gives every button back."""
+    """The main session (``run_pipeline``): a model id that does not exist says so under the
+    Load button, keeps the loaded model and every result, and gives every button back."""
     from playwright.sync_api import expect
 
     load_in_page(page, "no-such-org/no-such-model-hsr")
@@ -539,14 +624,30 @@ def test_a_file_that_is_not_an_image_is_refused_before_generation(
     shot(page, "app-bad-image.png")
 
 
-def test_a_failed_chat_turn_gives_the_buttons_back(page) -> None:
-    """The main tab after another tab loaded another model (the test above): a chat turn fails
-    with advice that can be followed, pressing Load, after which the session's pruned and
-    realigned columns answer again, nothing lost."""
+def test_a_failed_chat_turn_gives_the_buttons_back(page, fresh_page) -> None:
+    """The main session after two turns, once another tab loaded another model: a chat turn
+    fails with advice that can be followed, pressing Load, after which the session's pruned
+    and realigned columns answer again, nothing lost."""
     from playwright.sync_api import expect
 
     page.get_by_role("tab", name="5 · Chat").click()
     columns = [page.locator(f"#hsr-chat-{v}") for v in ("original", "pruned", "realigned")]
+    clear_chat(page, columns)
+    tokens = page.locator("#hsr-chat-max-new input[type=number]")
+    tokens.fill("24")
+    tokens.press("Tab")
+    send_chat(page, "How do I bake bread?")
+    for column in columns:
+        expect(column.locator(VERDICTS)).to_have_count(1, timeout=TIMEOUT_MS)
+    page.locator("#hsr-chat-examples").get_by_text("What is 48 times 25?").click()
+    for column in columns:
+        expect(column.locator(VERDICTS)).to_have_count(2, timeout=TIMEOUT_MS)
+    expect(page.get_by_role("button", name="Send", exact=True)).to_be_enabled()
+    load_in_page(fresh_page, "builtin:tiny-llava-next")  # the other tab
+    expect(fresh_page.locator("#hsr-model-info")).to_contain_text(
+        "LlavaNextForConditionalGeneration"
+    )
+
     send_chat(page, "Name a colour.")
     chat_status = page.locator("#hsr-chat-status")
     expect_message_outlives_toast(page, chat_status, "Another tab replaced the shared model")
@@ -566,10 +667,11 @@ def test_a_failed_chat_turn_gives_the_buttons_back(page) -> None:
     expect(chat_status).to_have_text("")
 
 
-def test_progress_and_stop(page, tmp_path_factory: pytest.TempPathFactory) -> None:
-    """Last: it loads a slow model into the main tab (the tests before need its results)."""
+def test_progress_and_stop(fresh_page, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """A new tab loads a slow model, starts Ships on every prompt and stops it."""
     from playwright.sync_api import expect
 
+    page = fresh_page
     folder = slow_model(tmp_path_factory.mktemp("slow") / "slow-llama")
     page.get_by_role("tab", name="1 · Model & data").click()
     model = page.locator("#hsr-model input")

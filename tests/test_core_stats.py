@@ -13,6 +13,7 @@ import statistics
 
 import numpy as np
 import pytest
+from oracles import scan_wilson
 
 from hsr_core import stats
 from hsr_core.config import EvalConfig
@@ -20,17 +21,6 @@ from hsr_core.data import Sample
 from hsr_core.evaluate import compare, judge_answers
 
 Z = statistics.NormalDist().inv_cdf(0.975)
-
-
-def scan_wilson(k: int, n: int, step: float = 1e-5) -> tuple[float, float]:
-    """The score test's acceptance region, scanned."""
-    p = k / n
-    accepted = [
-        i * step
-        for i in range(int(1 / step) + 1)
-        if abs(p - i * step) <= Z * math.sqrt(i * step * (1 - i * step) / n)
-    ]
-    return min(accepted), max(accepted)
 
 
 @pytest.mark.parametrize(("k", "n"), [(0, 10), (1, 10), (5, 10), (10, 10), (7, 70), (40, 70)])

@@ -16,21 +16,11 @@ import random
 
 import numpy as np
 import pytest
+from oracles import scan_wilson
 
 from hsr_core import stats
 
 Z = stats.Z95
-
-
-def scan_wilson(k: int, n: int, z: float, step: float = 1e-5) -> tuple[float, float]:
-    """The acceptance region of the score test ``|k/n - p0| <= z sqrt(p0 (1 - p0) / n)``."""
-    p = k / n
-    accepted = [
-        i * step
-        for i in range(int(1 / step) + 1)
-        if abs(p - i * step) <= z * math.sqrt(i * step * (1 - i * step) / n)
-    ]
-    return min(accepted), max(accepted)
 
 
 @pytest.mark.parametrize("n", range(1, 41))
