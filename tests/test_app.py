@@ -635,8 +635,8 @@ def test_stop_interrupts_attribution_and_keeps_earlier_scores(
             recompute=True,
             api_name="/attribute",
         )
-        # Stop once the job reports progress: its handler has cleared the flag by then (a Stop
-        # sent before would be cleared and the attribution would run to its end)
+        # Stop once the job reports progress: a Stop of a running job (one sent while it waits
+        # in the queue is the next test's)
         deadline = time.monotonic() + 300
         while not (job.status().progress_data or job.done()):
             assert time.monotonic() < deadline, "the attribution never reported progress"
@@ -650,6 +650,65 @@ def test_stop_interrupts_attribution_and_keeps_earlier_scores(
         assert len(kept["top_heads"]) == 10
     finally:
         load(c)
+
+
+def test_a_stop_sent_while_the_job_waits_in_the_queue_stops_it(
+    url: str, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Session B's attribution waits in the model's group behind session A's; B's Stop, sent
+    while it waits, stops it as soon as it starts (the job used to clear its session's flag on
+    starting, so a Stop sent while it waited was lost and it ran to its end)."""
+    from gradio_client.utils import Status
+
+    a, b = client(url), client(url)
+    folder = str(slow_model(tmp_path_factory.mktemp("slow-queue") / "slow-llama"))
+    args = dict(num_samples=170, ablation="zero", metric="angle", r_main=1, recompute=True)
+    try:
+        load(a, folder)
+        load(b, folder)  # the same model: A's session keeps it
+        first = a.submit(**args, api_name="/attribute")
+        deadline = time.monotonic() + 300
+        while not (first.status().progress_data or first.done()):
+            assert time.monotonic() < deadline, "A's attribution never reported progress"
+            time.sleep(0.05)
+        assert not first.done(), "A's attribution ended before B's was queued"
+        second = b.submit(**args, api_name="/attribute")
+        while second.status().code != Status.IN_QUEUE:  # the server has queued it
+            assert time.monotonic() < deadline and not first.done(), second.status()
+            time.sleep(0.05)
+        b.predict(api_name="/stop")  # B's job has not started: A's holds the model
+        a.predict(api_name="/stop")
+        assert "Stopped" in first.result(timeout=300)[1]
+        assert "Stopped" in second.result(timeout=300)[1]
+    finally:
+        load(a)
+
+
+def test_stop_flags_keep_a_stop_sent_after_the_job_was_queued(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``StopFlag.clear_before``: a Stop older than the job's queueing is cleared, one sent at
+    or after it is kept (times from a fake clock)."""
+    from types import SimpleNamespace
+
+    import ui.workbench
+    from ui.workbench import StopFlag
+
+    clock = SimpleNamespace(now=10.0)
+    monkeypatch.setattr(ui.workbench, "time", SimpleNamespace(monotonic=lambda: clock.now))
+    flag = StopFlag()
+    flag.clear_before(5.0)
+    assert not flag.is_set()  # never set
+    flag.set()  # at 10
+    flag.clear_before(10.5)  # a job queued after the Stop: not its Stop
+    assert not flag.is_set()
+    flag.set()  # at 10
+    flag.clear_before(10.0)  # queued at the same moment: kept
+    assert flag.is_set()
+    flag.clear_before(9.0)  # queued before the Stop: kept
+    assert flag.is_set()
+    flag.clear()
+    assert not flag.is_set() and flag.set_at == 10.0
 
 
 def test_the_localization_ladder_runs_through_the_api(url: str) -> None:

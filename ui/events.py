@@ -149,10 +149,32 @@ def user_errors(step: str) -> Callable[[Callable], Callable]:
 
 @contextmanager
 def stoppable(request: gr.Request | None) -> Iterator[Callable[[], bool]]:
-    """The session's Stop flag, cleared for a new job."""
+    """The session's Stop flag for a new job (``job_stop_flag``), as its ``should_stop``."""
+    yield job_stop_flag(request).is_set
+
+
+def job_stop_flag(request: gr.Request | None) -> threading.Event:
+    """The session's Stop flag for the job now starting: cleared of any Stop sent before the
+    job joined gradio's queue, set still by one sent while it waited there (behind another
+    tab's job in the model's group) so that the job stops at its first check."""
     flag = WORKBENCH.stop_event(getattr(request, "session_hash", None))
-    flag.clear()
-    yield flag.is_set
+    flag.clear_before(enqueued_at())
+    return flag
+
+
+def enqueued_at() -> float:
+    """``time.monotonic()`` when the running event joined gradio's queue (gradio's
+    ``Event.enqueue_time``, found by the event id gradio keeps in its context, which the
+    model thread copies); now, for a call outside gradio's queue."""
+    with suppress(AttributeError, LookupError, TypeError):
+        from gradio.context import LocalContext
+
+        blocks, event_id = LocalContext.blocks.get(None), LocalContext.event_id.get(None)
+        for job in blocks._queue.active_jobs:
+            for evt in job or ():
+                if evt._id == event_id:
+                    return float(evt.enqueue_time)
+    return time.monotonic()
 
 
 def stop(request: gr.Request) -> None:

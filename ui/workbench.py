@@ -15,7 +15,9 @@ session's masks and restore set into them (``Variants.install``).
 from __future__ import annotations
 
 import logging
+import math
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -87,7 +89,8 @@ class Workbench:
         self._data: _Lru = _Lru(4)
         self._norms: _Lru = _Lru(4)
         self._ranks: _Lru = _Lru(2)
-        self._stops: dict[str, threading.Event] = {}
+        self._stops: dict[str, StopFlag] = {}
+        self._stops_lock = threading.Lock()
 
     @property
     def cache(self) -> pipeline.ResultCache:
@@ -229,12 +232,37 @@ class Workbench:
 
     # -- stopping -------------------------------------------------------------------------
 
-    def stop_event(self, session_hash: str | None) -> threading.Event:
+    def stop_event(self, session_hash: str | None) -> StopFlag:
         """The Stop flag of one browser session."""
-        return self._stops.setdefault(session_hash or "", threading.Event())
+        with self._stops_lock:
+            return self._stops.setdefault(session_hash or "", StopFlag())
 
     def forget(self, session_hash: str | None) -> None:
         self._stops.pop(session_hash or "", None)
+
+
+class StopFlag(threading.Event):
+    """A session's Stop flag that remembers when it was last set, so that a job starting
+    can tell a Stop meant for it (sent while it waited in the queue) from an older one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._guard = threading.Lock()
+        self.set_at = -math.inf
+        """``time.monotonic()`` of the last ``set``."""
+
+    def set(self) -> None:
+        with self._guard:
+            self.set_at = time.monotonic()
+            super().set()
+
+    def clear_before(self, since: float) -> None:
+        """Clear the flag unless it was set at or after ``since`` (a job's time of joining
+        the queue): a Stop sent after the job was asked for is the job's, and it stops at
+        its first check; an older one is not."""
+        with self._guard:
+            if self.set_at < since:
+                self.clear()
 
 
 WORKBENCH = Workbench()

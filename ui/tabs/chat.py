@@ -248,8 +248,7 @@ def _turn(
     earlier, turns = turns, [*turns, turn]
     yield {**_columns(turns), "chat_msg": "", "chat_state": turns, "chat_turn": turn}
 
-    stop_flag = WORKBENCH.stop_event(getattr(request, "session_hash", None))
-    stop_flag.clear()
+    stop_flag = events.job_stop_flag(request)
     jobs = [(v, history_for(earlier, v, message)) for v in VARIANTS if answers[v]["settings"]]
     for r in pipeline.stream_columns(
         lambda: WORKBENCH.install(state),

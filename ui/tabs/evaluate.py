@@ -147,8 +147,7 @@ def evaluate(
     judge = judge or "keyword"
     cfg = EvalConfig(max_new_tokens=int(max_new_tokens), batch_size=int(batch_size), judge=judge)
     samples, label = eval_samples(source, upload, num_prompts)
-    stop_flag = WORKBENCH.stop_event(getattr(request, "session_hash", None))
-    stop_flag.clear()
+    stop_flag = events.job_stop_flag(request)
     with WORKBENCH.lock:
         WORKBENCH.require(state)
         guard = judge_for(judge, judge_model)
