@@ -2,11 +2,16 @@
 
 The built-in tiny models are written once per test session into a temporary cache folder
 (``HSR_CACHE_DIR``); every test that changes weights gets its own freshly loaded model.
+
+``HSR_TEST_ORDER=reverse`` or ``HSR_TEST_ORDER=seed:N`` runs the collected tests in reverse, or
+the files in a random order (seeded) and each file's tests in a random order, to check that no
+test needs another to run before it.
 """
 
 from __future__ import annotations
 
 import os
+import random
 from pathlib import Path
 
 import pytest
@@ -15,6 +20,26 @@ from tiny_models import BUILDERS
 
 from hsr_core.builtin import save_tiny_llama
 from hsr_core.models import load_model
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Reorder the tests as ``HSR_TEST_ORDER`` says (``reverse``, ``seed:N``); as collected
+    when it is unset."""
+    order = os.environ.get("HSR_TEST_ORDER", "")
+    if order == "reverse":
+        items.reverse()
+    elif order.startswith("seed:"):  # files in a random order, each file's tests too
+        rng = random.Random(int(order.removeprefix("seed:")))
+        files: dict[str, list[pytest.Item]] = {}
+        for item in items:
+            files.setdefault(item.nodeid.split("::")[0], []).append(item)
+        groups = list(files.values())
+        rng.shuffle(groups)
+        for group in groups:
+            rng.shuffle(group)
+        items[:] = [item for group in groups for item in group]
+    elif order:
+        raise pytest.UsageError(f"HSR_TEST_ORDER must be reverse or seed:N, got {order!r}")
 
 
 @pytest.fixture(scope="session")
