@@ -12,12 +12,30 @@ The model is the GQA tiny Llama (2 layers, 4 query heads, 2 KV heads, head_dim 1
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 
+# imported at collection, so that the fork server of a mutation run (scripts/mutation.sh)
+# holds it: each mutant's tests then skip transformers' lazy import of the Llama classes
+# (several seconds a mutant on the loaded machine)
+import transformers.models.llama.modeling_llama  # noqa: F401
+
+from hsr_core import realign
 from hsr_core.config import RealignConfig, WandaConfig
-from hsr_core.realign import RankCache, candidates, head_slice, restore_set
+from hsr_core.heads import Head
+from hsr_core.masks import PackedMask
+from hsr_core.realign import (
+    RankCache,
+    RestoreSet,
+    candidates,
+    descending_ranks,
+    head_rank_points,
+    head_slice,
+    restore_set,
+    top_fraction,
+)
 from hsr_core.wanda import prune_masks
 
 PROJS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -313,3 +331,319 @@ def test_head_slice_equals_cells(tiny_llama):
                 flat = torch.arange(shape[0] * shape[1]).view(shape)[rows, cols]
                 got = set(flat.reshape(-1).tolist())
                 assert got == oracle_cells(proj, h, shape, d_h, group, slicing), (proj, h)
+            rows, cols = head_slice(a, proj, h, shape)  # the default: the head's own weights
+            flat = torch.arange(shape[0] * shape[1]).view(shape)[rows, cols]
+            assert set(flat.reshape(-1).tolist()) == oracle_cells(
+                proj, h, shape, d_h, group, "head"
+            )
+
+
+# --- the MLP extension, the accounting, the rank cache and the head plot (issue 18) ---------
+
+MLP_CASES = {
+    # heads in both layers: both layers' MLPs take part
+    "both_layers": ([(0, 0), (0, 1), (1, 2)], (0.1, 0.6, 0.9)),
+    # heads in layer 1 only: layer 0's MLP must stay pruned
+    "layer_1": ([(1, 3), (1, 0)], (0.3, 0.9, 1.0)),
+}
+
+
+def oracle_mlp(loaded, dense, pruned, safety, utility, layers, p, q, max_p):
+    """The extension's band over each whole MLP matrix of ``layers``, by set algebra."""
+    a = loaded.adapter
+    indices, per_layer, n_cand = {}, {}, 0
+    for layer in sorted(layers):
+        per_layer[layer] = {}
+        for proj in a.mlp_projs:
+            name = a.linear_name(layer, proj)
+            w = dense[name]
+            S = w.abs().float() * safety[name][None, :]
+            U = w.abs().float() * utility[name][None, :]
+            R = (full_sort_top(S, q) & full_sort_top(U, max_p)) - full_sort_top(U, p)
+            is_pruned = set(torch.nonzero(pruned[name].reshape(-1)).flatten().tolist())
+            n_cand += len(R)
+            per_layer[layer][proj] = len(R & is_pruned)
+            if R & is_pruned:
+                indices[name] = sorted(R & is_pruned)
+    return indices, per_layer, n_cand
+
+
+@pytest.mark.parametrize("case", list(MLP_CASES))
+def test_heads_plus_mlp_equals_oracle(tiny_llama, case):
+    """Catches the MLP extension restoring in the wrong layers or none, outside R or the mask,
+    ranking over part of the matrix, and its accounting (per layer and module, its candidates,
+    the totals) wrong; and ``scope="heads"`` touching or counting any MLP weight."""
+    loaded = tiny_llama
+    a = loaded.adapter
+    assert a.mlp_projs == ("gate_proj", "up_proj", "down_proj")
+    safety, utility, masks, dense, pruned = make_inputs(loaded)
+    heads, (p, q, max_p) = MLP_CASES[case]
+    scores = torch.zeros(2, 4)
+    ranks = RankCache(loaded, safety, utility)
+    cfg = RealignConfig(p=p, q=q, max_p=max_p, top_h=len(heads), scope="heads+mlp")
+    rs = restore_set(loaded, masks, scores, cfg, ranks, heads=heads)
+    attn = oracle_restore(loaded, dense, pruned, safety, utility, heads, p, q, max_p)
+    layers = {l for l, _ in heads}
+    mlp, per_layer, n_mlp = oracle_mlp(loaded, dense, pruned, safety, utility, layers, p, q, max_p)
+    assert mlp and n_mlp > sum(len(v) for v in mlp.values())  # unpruned candidates left out
+    got = {n: v.tolist() for n, v in rs.indices.items()}
+    assert got == {**attn["indices"], **mlp}  # MLP indices ascending, attention ones sorted
+    assert rs.mlp_per_layer == per_layer
+    assert rs.mlp_candidates == n_mlp
+    assert rs.candidates == attn["candidates"]  # the heads' candidates alone
+    mlp_module = {proj: 0 for proj in a.mlp_projs}
+    for name, v in mlp.items():
+        mlp_module[a.parse(name)[1]] += len(v)
+    assert rs.per_module == {**attn["per_module"], **mlp_module}
+    assert rs.count == attn["count"] + sum(len(v) for v in mlp.values())
+    assert rs.config == cfg  # the settings it was made with: summary() reads their scope
+    assert rs.summary()["restored_mlp_per_layer"] == {str(k): v for k, v in per_layer.items()}
+    # the paper's scope: the same heads, no MLP weight and no MLP accounting
+    plain = restore_set(
+        loaded,
+        masks,
+        scores,
+        RealignConfig(p=p, q=q, max_p=max_p, top_h=len(heads)),
+        ranks,
+        heads=heads,
+    )
+    assert {n: v.tolist() for n, v in plain.indices.items()} == attn["indices"]
+    assert plain.per_module == attn["per_module"]
+    assert plain.mlp_per_layer == {} and plain.mlp_candidates == 0
+    assert "restore_scope" not in plain.summary()
+
+
+def test_restore_indices_are_ascending(tiny_llama):
+    """Catches the attention indices left in block order (o_proj's column blocks of two heads
+    interleave in flat order): each linear's indices are ascending."""
+    loaded = tiny_llama
+    safety, utility, masks, dense, pruned = make_inputs(loaded)
+    heads = [(0, 3), (0, 0)]
+    cfg = RealignConfig(p=0.1, q=0.6, max_p=0.9, top_h=2)
+    rs = restore_set(
+        loaded, masks, torch.zeros(2, 4), cfg, RankCache(loaded, safety, utility), heads=heads
+    )
+    expected = oracle_restore(loaded, dense, pruned, safety, utility, heads, 0.1, 0.6, 0.9)
+    o_name = loaded.adapter.linear_name(0, "o_proj")
+    assert o_name in expected["indices"]
+    for name, v in rs.indices.items():
+        assert rs.indices[name].dtype == torch.long
+        assert v.tolist() == expected["indices"][name]
+
+
+def test_restore_set_accounting_by_hand():
+    """``per_10k_pruned``, ``restored_in`` and ``summary`` on a restore set written by hand."""
+    h12, h03 = Head(1, 2), Head(0, 3)
+    per_head = {
+        h12: {"q_proj": 2, "k_proj": 0, "v_proj": 1, "o_proj": 0},
+        h03: {"q_proj": 0, "k_proj": 0, "v_proj": 0, "o_proj": 4},
+    }
+    per_module = {"q_proj": 2, "k_proj": 0, "v_proj": 1, "o_proj": 4}
+    rs = RestoreSet(
+        indices={"x": torch.tensor([1, 5, 9]), "y": torch.tensor([0, 2, 3, 4])},
+        heads=[h12, h03],
+        per_head=per_head,
+        count=7,
+        pruned_total=35_000,
+        candidates=11,
+        config=RealignConfig(),
+        per_module=per_module,
+    )
+    assert rs.per_10k_pruned == 2.0  # 7 of 35 000 pruned weights
+    assert rs.restored_in(h12) == 3 and rs.restored_in(h03) == 4
+    assert rs.restored_in(Head(1, 1)) == 0
+    want = {
+        "selected_heads": ["1-2", "0-3"],
+        "restored": 7,
+        "restored_per_10k_pruned": 2.0,
+        "restore_candidates_in_heads": 11,
+        "restored_per_head": {"1-2": per_head[h12], "0-3": per_head[h03]},
+        "restored_per_module": per_module,
+    }
+    assert rs.summary() == want
+    empty = RestoreSet({}, [h12], {h12: {}}, 0, 0, 0, RealignConfig())
+    assert empty.per_10k_pruned == 0.0 and empty.restored_in(h12) == 0
+    mlp = RestoreSet(
+        indices={},
+        heads=[h12],
+        per_head={h12: per_head[h12]},
+        count=3,
+        pruned_total=20_000,
+        candidates=5,
+        config=RealignConfig(scope="heads+mlp"),
+        per_module=per_module,
+        mlp_per_layer={1: {"up_proj": 6, "down_proj": 0}},
+        mlp_candidates=13,
+    )
+    assert mlp.summary() == {
+        "selected_heads": ["1-2"],
+        "restored": 3,
+        "restored_per_10k_pruned": 1.5,
+        "restore_candidates_in_heads": 5,
+        "restored_per_head": {"1-2": per_head[h12]},
+        "restored_per_module": per_module,
+        "restore_scope": "heads+mlp (our extension; the paper restores attention heads only)",
+        "restored_mlp_per_layer": {"1": {"up_proj": 6, "down_proj": 0}},
+        "restore_candidates_in_mlp": 13,
+    }
+
+
+def test_descending_ranks_and_top_fraction_by_hand():
+    """Ranks over the whole matrix, 0 = highest, ties to the lower flat index; ``T_x`` is
+    the top ``floor(x * numel)``."""
+    score = torch.tensor([[1.0, 3.0, 0.5], [3.0, 0.5, 2.0]])
+    ranks = descending_ranks(score)
+    assert ranks.dtype == torch.int32
+    assert ranks.tolist() == [[3, 0, 4], [1, 5, 2]]
+    assert top_fraction(ranks, 0.5).tolist() == [[False, True, False], [True, False, True]]
+    assert top_fraction(ranks, 0.49).tolist() == [[False, True, False], [True, False, False]]
+    assert not top_fraction(ranks, 0.0).any() and top_fraction(ranks, 1.0).all()
+    g = torch.Generator().manual_seed(3)
+    for shape in [(5, 7), (1, 13), (16, 3)]:
+        s = torch.randint(0, 4, shape, generator=g).float()  # many ties
+        flat = s.reshape(-1).tolist()
+        order = sorted(range(len(flat)), key=lambda i: (-flat[i], i))
+        want = [0] * len(flat)
+        for r, i in enumerate(order):
+            want[i] = r
+        assert descending_ranks(s).reshape(-1).tolist() == want
+        with torch.device("meta"):  # another default device: the ranks stay on the input's
+            assert descending_ranks(s).reshape(-1).tolist() == want
+    meta = descending_ranks(torch.empty(4, 6, device="meta"))  # every op checks devices
+    assert meta.device.type == "meta" and meta.shape == (4, 6) and meta.dtype == torch.int32
+
+
+def full_sort_ranks(score: torch.Tensor) -> list[int]:
+    flat = score.reshape(-1).tolist()
+    order = sorted(range(len(flat)), key=lambda i: (-flat[i], i))
+    ranks = [0] * len(flat)
+    for r, i in enumerate(order):
+        ranks[i] = r
+    return ranks
+
+
+def test_rank_cache_scores_weights_device_and_masks(tiny_llama, monkeypatch):
+    """Catches ``scores`` ignored (or the safety and utility scores swapped), a linear not in
+    ``scores`` not falling back to its Wanda scores, the default ``weight_of`` not reading the
+    module's weight, ``device`` ignored, and the kept-masks rule (attention weights only, at
+    most ``KEEP_MASKS_MAX_WEIGHTS``) or its reuse of an unpacked mask wrong."""
+    loaded = tiny_llama
+    a = loaded.adapter
+    safety, utility, masks, dense, pruned = make_inputs(loaded)
+    q_name, k_name = a.linear_name(1, "q_proj"), a.linear_name(0, "k_proj")
+    g = torch.Generator().manual_seed(8)
+    own_s, own_u = torch.rand(64, 64, generator=g), torch.rand(64, 64, generator=g)
+    cache = RankCache(loaded, safety, utility, scores={q_name: (own_s, own_u)})
+    rs, ru = cache.get(q_name)
+    assert rs.reshape(-1).tolist() == full_sort_ranks(own_s)
+    assert ru.reshape(-1).tolist() == full_sort_ranks(own_u)
+    ks, ku = cache.get(k_name)  # not in scores: the module's weight and the norms
+    w = dense[k_name].abs().float()
+    assert ks.reshape(-1).tolist() == full_sort_ranks(w * safety[k_name][None, :])
+    assert ku.reshape(-1).tolist() == full_sort_ranks(w * utility[k_name][None, :])
+    assert cache.get(k_name)[0] is ks  # computed once
+    # on another device: the meta device runs every op but checks devices
+    meta = RankCache(loaded, safety, utility, device="meta", scores={q_name: (own_s, own_u)})
+    for name in (q_name, k_name):
+        assert all(r.device.type == "meta" for r in meta.get(name))
+        assert meta.pruned(name, masks[name]).device.type == "meta"
+    # kept masks: by default for at most KEEP_MASKS_MAX_WEIGHTS attention weights
+    attn = sum(m.weight.numel() for *_, m in a.iter_linears(attention_only=True))
+    assert attn < sum(m.weight.numel() for *_, m in a.iter_linears())
+    monkeypatch.setattr(realign, "KEEP_MASKS_MAX_WEIGHTS", attn)
+    assert RankCache(loaded, safety, utility).keep_masks is True
+    monkeypatch.setattr(realign, "KEEP_MASKS_MAX_WEIGHTS", attn - 1)
+    assert RankCache(loaded, safety, utility).keep_masks is False
+    for keep in (True, False):
+        c = RankCache(loaded, safety, utility, keep_masks=keep)
+        first = c.pruned(k_name, masks[k_name])
+        assert torch.equal(first, pruned[k_name])
+        assert (c.pruned(k_name, masks[k_name]) is first) is keep
+        other = prune_masks(loaded, safety, WandaConfig(sparsity=0.3))[k_name]
+        assert torch.equal(c.pruned(k_name, other), other.unpack())  # a new mask: unpacked
+        assert not torch.equal(other.unpack(), pruned[k_name])
+
+
+def test_head_rank_points_equals_oracle(tiny_llama):
+    """Every field of ``head_rank_points`` against the full sort and the head's cells, and
+    the sample drawn when ``max_points`` is smaller: a subset in the original order, of
+    exactly ``max_points``, the same for the same seed and another for another seed."""
+    loaded = tiny_llama
+    a = loaded.adapter
+    safety, utility, masks, dense, pruned = make_inputs(loaded)
+    ranks = RankCache(loaded, safety, utility)
+    for slicing in ("head", "reference"):
+        cfg = RealignConfig(p=0.1, q=0.6, max_p=0.9, slicing=slicing)
+        head = Head(1, 3)
+        want = {k: [] for k in ("safety", "utility", "pruned", "candidate", "proj")}
+        for i, proj in enumerate(PROJS):
+            name = a.linear_name(1, proj)
+            w = dense[name]
+            S = w.abs().float() * safety[name][None, :]
+            U = w.abs().float() * utility[name][None, :]
+            rs_, ru_ = full_sort_ranks(S), full_sort_ranks(U)
+            R = (full_sort_top(S, 0.6) & full_sort_top(U, 0.9)) - full_sort_top(U, 0.1)
+            flat_pruned = pruned[name].reshape(-1).tolist()
+            for c in sorted(oracle_cells(proj, 3, tuple(w.shape), 16, 2, slicing)):
+                want["safety"].append(rs_[c] / w.numel())
+                want["utility"].append(ru_[c] / w.numel())
+                want["pruned"].append(flat_pruned[c])
+                want["candidate"].append(c in R)
+                want["proj"].append(i)
+        pts = head_rank_points(loaded, masks, ranks, head, cfg, max_points=10**6)
+        total = len(want["proj"])
+        assert pts["total"] == total
+        for k, v in want.items():
+            assert pts[k].device.type == "cpu" and pts[k].tolist() == v, k
+        assert pts["safety"].dtype == pts["utility"].dtype == torch.float64
+        assert pts["proj"].dtype == torch.int8
+        assert pts["pruned"].dtype == pts["candidate"].dtype == torch.bool
+        both = [c and p for c, p in zip(want["candidate"], want["pruned"], strict=True)]
+        assert pts["restored"].tolist() == both and any(both)
+        # a sample of 100: rows of the full table (each is one weight: its projection and
+        # safety rank identify it), in the table's order
+        rows = list(zip(want["proj"], want["safety"], want["utility"], both, strict=True))
+        position = {r[:2]: i for i, r in enumerate(rows)}
+        picks = []
+        for seed in (0, 0, 1):
+            s = head_rank_points(loaded, masks, ranks, head, cfg, max_points=100, seed=seed)
+            assert s["total"] == total
+            got = list(
+                zip(
+                    s["proj"].tolist(),
+                    s["safety"].tolist(),
+                    s["utility"].tolist(),
+                    s["restored"].tolist(),
+                    strict=True,
+                )
+            )
+            assert len(got) == 100
+            idx = [position[r[:2]] for r in got]
+            assert idx == sorted(set(idx))
+            assert all(rows[i] == r for i, r in zip(idx, got, strict=True))
+            picks.append(idx)
+        assert picks[0] == picks[1] != picks[2]
+    # the default sample is 20 000 points: the tiny head has fewer, so all of them
+    assert head_rank_points(loaded, masks, ranks, (1, 3), cfg)["safety"].numel() == total
+
+
+def test_head_rank_points_default_sample():
+    """A head of more than 20 000 weights (pure tensors, one layer of a made-up geometry:
+    head_dim 128, hidden 256, MHA): by default 20 000 of them, drawn with seed 0."""
+    adapter = SimpleNamespace(head_dim=128, group_size=1, linear_name=lambda l, p: f"{l}.{p}")
+    loaded = SimpleNamespace(adapter=adapter)
+    g = torch.Generator().manual_seed(4)
+    scores = {
+        f"0.{p}": (torch.rand(256, 256, generator=g), torch.rand(256, 256, generator=g))
+        for p in PROJS
+    }
+    masks = {n: PackedMask.pack(torch.rand(256, 256, generator=g) < 0.5) for n in scores}
+    ranks = RankCache(loaded, {}, {}, keep_masks=False, scores=scores)
+    cfg = RealignConfig()
+    pts = head_rank_points(loaded, masks, ranks, (0, 1), cfg)
+    assert pts["total"] == 4 * 128 * 256
+    assert pts["safety"].numel() == 20_000
+    seeded = head_rank_points(loaded, masks, ranks, (0, 1), cfg, max_points=20_000, seed=0)
+    assert all(torch.equal(pts[k], seeded[k]) for k in ("safety", "utility", "proj"))
+    other = head_rank_points(loaded, masks, ranks, (0, 1), cfg, max_points=20_000, seed=1)
+    assert not torch.equal(pts["safety"], other["safety"])
