@@ -38,7 +38,7 @@ declare -A TESTS=(
   [wanda]="tests/test_oracle_wanda.py"
   [masks]="tests/test_oracle_masks.py"
   [variants]="tests/test_oracle_variants.py"
-  [hooks]="tests/test_core_ships.py tests/test_oracle_ships.py"
+  [hooks]="tests/test_oracle_hooks.py"
   [stats]="tests/test_oracle_stats.py tests/test_core_stats.py"
   [pipeline]="tests/test_core_pipeline.py tests/test_core_cli_values.py"
 )
