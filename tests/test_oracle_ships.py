@@ -153,3 +153,152 @@ def test_uniform_and_zero_differ_and_heads_of_one_group_differ(tiny_llama):
         for l in range(2):
             assert not math.isclose(scores[l, 0], scores[l, 1], rel_tol=1e-3)
             assert not math.isclose(scores[l, 2], scores[l, 3], rel_tol=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------
+# the scores' arithmetic and the heads file, without a model (fast: mutation runs)
+
+
+def scipy_angle_sum(M, M_A, r_main: int) -> list[float]:
+    """Per head: the sum over r of the largest principal angle (degrees) between the leading
+    r left singular vectors of M and of M_A, by numpy's SVD and scipy's subspace angles."""
+    import numpy as np
+    from scipy.linalg import subspace_angles
+
+    U = np.linalg.svd(M.double().numpy(), full_matrices=False)[0]
+    out = []
+    for m in M_A.double().numpy():
+        V = np.linalg.svd(m, full_matrices=False)[0]
+        out.append(
+            sum(
+                float(np.degrees(subspace_angles(U[:, :r], V[:, :r]).max()))
+                for r in range(1, r_main + 1)
+            )
+        )
+    return out
+
+
+@pytest.mark.parametrize("r_main", [1, 2, 3])
+def test_principal_angle_sum_equals_scipy(r_main):
+    from hsr_core.ships import principal_angle_sum
+
+    g = torch.Generator().manual_seed(r_main)
+    M = torch.randn(6, 9, generator=g)
+    M_A = torch.stack(
+        [
+            M + 0.05 * torch.randn(6, 9, generator=g),  # a small angle
+            M + 2.0 * torch.randn(6, 9, generator=g),  # large ones
+            torch.randn(6, 9, generator=g),
+            M.clone(),  # no angle at all
+        ]
+    )
+    got = principal_angle_sum(M, M_A, r_main)
+    assert got.dtype == torch.float64 and got.shape == (4,)
+    assert got.tolist() == pytest.approx(scipy_angle_sum(M, M_A, r_main), abs=1e-6)
+    assert got[3].item() == pytest.approx(0.0, abs=1e-5)
+    assert (got[:3] > 0).all()
+
+
+def test_principal_angle_sum_beyond_the_rank():
+    """More directions asked than the states span (6 prompts in 3 dimensions, r up to 5): the
+    leading subspace stops at the rank, it is not filled with arbitrary directions."""
+    from hsr_core.ships import principal_angle_sum
+
+    g = torch.Generator().manual_seed(7)
+    M = torch.randn(6, 3, generator=g, dtype=torch.float64)
+    M_A = torch.stack([M + 0.3 * torch.randn(6, 3, generator=g, dtype=torch.float64)])
+    got = principal_angle_sum(M, M_A, 5)
+    assert got.tolist() == pytest.approx(scipy_angle_sum(M, M_A, 5), abs=1e-9)
+    three = principal_angle_sum(M, M_A, 3).item() - principal_angle_sum(M, M_A, 2).item()
+    assert got.item() == pytest.approx(principal_angle_sum(M, M_A, 3).item() + 2 * three)
+
+
+def test_principal_angle_sum_by_hand():
+    """Two prompts in a plane: the leading direction turned by 30 degrees (sign flips of the
+    singular vectors change nothing), and a right angle."""
+    from hsr_core.ships import principal_angle_sum
+
+    M = torch.tensor([[3.0, 0.0], [0.0, 1.0]], dtype=torch.float64)  # u1 = e1
+    c, s = math.cos(math.radians(30)), math.sin(math.radians(30))
+    turned = torch.tensor([[3 * c, -s], [3 * s, c]], dtype=torch.float64)
+    right = torch.tensor([[0.0, 1.0], [3.0, 0.0]], dtype=torch.float64)  # u1 = e2
+    flipped = -M
+    got = principal_angle_sum(M, torch.stack([turned, right, flipped]), 1)
+    assert got.tolist() == pytest.approx([30.0, 90.0, 0.0], abs=1e-9)
+    assert principal_angle_sum(M, torch.stack([turned]), 2).tolist() == pytest.approx([30.0])
+    assert principal_angle_sum(M, torch.stack([turned])).tolist() == pytest.approx([30.0])
+    # three prompts: the first direction kept, the second turned by 30 degrees
+    M3 = torch.diag(torch.tensor([3.0, 2.0, 1.0], dtype=torch.float64))
+    second = torch.tensor([[3.0, 0, 0], [0, 2 * c, -s], [0, 2 * s, c]], dtype=torch.float64)
+    assert principal_angle_sum(M3, second[None]).tolist() == pytest.approx([0.0], abs=1e-9)
+    assert principal_angle_sum(M3, second[None], 2).tolist() == pytest.approx([30.0])
+
+
+def test_kl_by_hand():
+    from hsr_core.ships import _kl
+
+    p = torch.tensor([[0.0, math.log(3.0)], [1.0, 1.0]], dtype=torch.float64)  # (1/4, 3/4)
+    q = torch.tensor([[0.0, 0.0], [5.0, 5.0]])  # (1/2, 1/2); equal to p's second row
+    got = _kl(p, q)
+    want = 0.25 * math.log(0.25 / 0.5) + 0.75 * math.log(0.75 / 0.5)
+    assert got.dtype == torch.float64 and got.shape == (2,)
+    assert got[0].item() == pytest.approx(want, rel=1e-12)
+    assert got[1].item() == pytest.approx(0.0, abs=1e-15)
+    back = 0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75)  # the other direction
+    assert _kl(q, p)[0].item() == pytest.approx(back, rel=1e-12)
+    big = torch.tensor([[100.0, 0.0]])  # float32 softmax would round p to (1, 0)
+    assert _kl(big, torch.zeros(1, 2))[0].item() == pytest.approx(
+        math.log(2.0) - math.log1p(math.exp(-100.0)) - 100 * math.exp(-100) / (1 + math.exp(-100)),
+        rel=1e-9,
+    )
+
+
+def test_heads_file_written_and_read_by_hand(tmp_path):
+    import json
+
+    from hsr_core.ships import read_heads_jsonl, write_heads_jsonl
+
+    scores = torch.tensor([[0.5, 1.25, -2.0], [3.0, 0.0, 7.5]])
+    path = write_heads_jsonl(scores, str(tmp_path / "heads.jsonl"))
+    assert path == tmp_path / "heads.jsonl"
+    text = path.read_text(encoding="utf-8")
+    assert text.endswith("}\n") and text.count("\n") == 1
+    assert json.loads(text) == {
+        "0-0": 0.5,
+        "0-1": 1.25,
+        "0-2": -2.0,
+        "1-0": 3.0,
+        "1-1": 0.0,
+        "1-2": 7.5,
+    }
+    assert list(json.loads(text)) == ["0-0", "0-1", "0-2", "1-0", "1-1", "1-2"]
+    assert torch.equal(read_heads_jsonl(str(path), 2, 3), scores)
+    # the last non-blank line wins; a head missing from it is NaN
+    path.write_text('{"0-0": 9}\n{"1-2": 4.5, "0-1": 2}\n\n  \n', encoding="utf-8")
+    back = read_heads_jsonl(path, 2, 3)
+    assert back[1, 2].item() == 4.5 and back[0, 1].item() == 2.0
+    assert back.isnan().sum() == 4 and back.dtype == torch.float32
+
+
+def test_heads_file_errors(tmp_path):
+    from hsr_core.ships import read_heads_jsonl
+
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n \n", encoding="utf-8")
+    with pytest.raises(ValueError) as e:
+        read_heads_jsonl(empty, 2, 2)
+    assert str(e.value) == f"{empty}: empty heads file"
+    bad = tmp_path / "bad.jsonl"
+    for key, why in [("2-0", "2-0"), ("x", "is not a head")]:
+        bad.write_text(json_line({key: 1.0}), encoding="utf-8")
+        with pytest.raises(ValueError) as e:
+            read_heads_jsonl(bad, 2, 2)
+        msg = str(e.value)
+        assert msg.startswith(f"{bad}: ") and why in msg and e.value.__cause__ is None
+        assert e.value.__suppress_context__
+
+
+def json_line(row) -> str:
+    import json
+
+    return json.dumps(row) + "\n"
