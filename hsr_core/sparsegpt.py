@@ -141,7 +141,6 @@ def _inverse_cholesky(h: torch.Tensor) -> torch.Tensor:
     )
 
 
-@torch.no_grad()
 def sparsegpt_linear(
     weight: torch.Tensor,
     hessian: torch.Tensor,
@@ -183,6 +182,8 @@ def sparsegpt_linear(
         raise ValueError(f"percdamp must be >= 0, got {percdamp}")
     nm = _check_pattern(cols, sparsity, n, m, blocksize)
     dtype, dev = _compute_dtype(weight, hessian), weight.device
+    # detached copies: autograd records nothing below, so no ``torch.no_grad`` is needed (a
+    # decorator would also hide the function from mutmut 3, which skips decorated functions)
     W = weight.detach().to(dev, dtype, copy=True)
     H = hessian.detach().to(dev, dtype, copy=True)
     if not bool(torch.isfinite(H).all()):

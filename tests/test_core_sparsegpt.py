@@ -138,6 +138,18 @@ def test_half_precision_weight_and_inputs_left_alone():
     assert torch.equal(mask, mask32) and torch.equal(w, w32.bfloat16())
 
 
+def test_a_parameter_gives_a_plain_tensor_and_keeps_its_values():
+    """Model weights are parameters (``requires_grad``): the result records no graph and the
+    parameter is left as it was."""
+    W, _, H = random_layer(8, 32, seed=4)
+    param = torch.nn.Parameter(W.clone())
+    w, mask = sparsegpt_linear(param, H, sparsity=0.5, blocksize=16)
+    assert not w.requires_grad and w.grad_fn is None and not mask.requires_grad
+    assert torch.equal(param.detach(), W)
+    expected, expected_mask = sparsegpt_linear(W, H, sparsity=0.5, blocksize=16)
+    assert torch.equal(w, expected) and torch.equal(mask, expected_mask)
+
+
 def test_bad_inputs_are_clear_errors():
     W, _, H = random_layer(4, 8, seed=1)
     with pytest.raises(HessianError, match="not positive definite.*calibration samples.*percdamp"):
