@@ -21,6 +21,8 @@ The GQA tiny Llama is used, where two query heads share each KV head.
 from __future__ import annotations
 
 import math
+import os
+import sys
 
 import pytest
 import torch
@@ -302,3 +304,38 @@ def json_line(row) -> str:
     import json
 
     return json.dumps(row) + "\n"
+
+
+def _table_via(*args):
+    """One frame between the test and ``_score_table``, as ``ships_scores`` is for a caller."""
+    from hsr_core.ships import _score_table
+
+    return _score_table(*args)
+
+
+def test_score_table_by_hand():
+    import warnings
+
+    heads = [(0, 1), (1, 2), (1, 0)]
+    values = torch.tensor([0.5, 2.25, -1.0], dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning without a layer that never ran
+        table = _table_via(2, 3, heads, values, set())
+        assert _table_via(2, 3, heads[:1], values[:1], {1}).isnan().sum() == 5
+    assert table.dtype == torch.float32 and table.shape == (2, 3)
+    assert table[0, 1].item() == 0.5 and table[1, 2].item() == 2.25 and table[1, 0].item() == -1
+    assert table.isnan().sum() == 3
+    with pytest.warns(UserWarning) as caught:
+        line = sys._getframe().f_lineno + 1
+        zeroed = _table_via(2, 3, heads, values, {1, 3})
+    assert zeroed[1, 2].item() == 0.0 and zeroed[1, 0].item() == 0.0 and zeroed[0, 1].item() == 0.5
+    assert len(caught) == 1
+    assert str(caught[0].message) == (
+        "no probe prompt has an image, so the cross-attention layers [1, 3] never ran "
+        "(Mllama skips them without one): their heads score 0, which says nothing about "
+        "them; give the probes images"
+    )
+    if "MUTANT_UNDER_TEST" not in os.environ:  # mutmut's trampoline adds a frame
+        assert caught[0].filename == __file__ and caught[0].lineno == line  # the caller's line
+    with pytest.raises(ValueError):
+        _table_via(2, 3, heads, values[:2], set())
