@@ -99,3 +99,45 @@ def test_masks_are_made_on_the_scores_device():
 
     score = torch.empty(3, 4, device="meta")
     assert _lowest_flat(score, 5).device.type == "meta"
+
+
+def test_bad_arguments_say_what_is_wrong():
+    W, H = ties(2, 4)
+    with pytest.raises(ValueError) as info:
+        sparsegpt_linear(torch.ones(4), H, sparsity=0.5)
+    assert str(info.value) == (
+        "SparseGPT prunes a [out, in] matrix, got a weight of torch.Size([4])"
+    )
+    with pytest.raises(ValueError) as info:
+        sparsegpt_linear(W, H, sparsity=0.5, percdamp=-0.1)
+    assert str(info.value) == "percdamp must be >= 0, got -0.1"
+    bad = H.clone()
+    bad[1, 1] = float("nan")
+    with pytest.raises(ValueError) as info:
+        sparsegpt_linear(W, bad, sparsity=0.5)
+    assert str(info.value) == (
+        "the Hessian is not finite (inf or NaN): the calibration activations overflowed; "
+        "load the model in bfloat16 or float32"
+    )
+
+
+def test_the_math_runs_in_the_wider_of_the_two_dtypes():
+    """float64 in either input means float64 math: the result equals the all-float64 one (cast
+    to the weight's dtype), not the float32 one."""
+    g = torch.Generator().manual_seed(5)
+    X = torch.randn(64, 16, generator=g, dtype=torch.float64)
+    H64 = 2 / 64 * X.T @ X
+    W64 = torch.randn(6, 16, generator=g, dtype=torch.float64)
+    want, want_mask = sparsegpt_linear(W64, H64, sparsity=0.5, blocksize=8)
+    f32, _ = sparsegpt_linear(W64.float(), H64.float(), sparsity=0.5, blocksize=8)
+    assert not torch.equal(f32.double(), want)  # the test can tell the two apart
+    got, mask = sparsegpt_linear(W64, H64.float(), sparsity=0.5, blocksize=8)
+    assert got.dtype == torch.float64 and torch.equal(mask, want_mask)
+    assert torch.equal(
+        got, sparsegpt_linear(W64, H64.float().double(), sparsity=0.5, blocksize=8)[0]
+    )
+    got, _ = sparsegpt_linear(W64.float(), H64, sparsity=0.5, blocksize=8)
+    assert got.dtype == torch.float32
+    assert torch.equal(
+        got, sparsegpt_linear(W64.float().double(), H64, sparsity=0.5, blocksize=8)[0].float()
+    )
