@@ -31,7 +31,7 @@ module=${module#hsr_core/}
 
 declare -A TESTS=(
   [judges]="tests/test_oracle_judges.py tests/test_core_judges.py tests/test_oracle_evaluate.py"
-  [evaluate]="tests/test_oracle_evaluate.py tests/test_oracle_evaluate_records.py tests/test_core_judges.py tests/test_core_stats.py"
+  [evaluate]="tests/test_oracle_evaluate.py tests/test_oracle_evaluate_records.py tests/test_oracle_evaluate_report.py tests/test_core_judges.py tests/test_core_stats.py"
   [heads]="tests/test_core_heads.py tests/test_oracle_realign.py"
   [realign]="tests/test_oracle_realign.py"
   [ships]="tests/test_oracle_ships.py tests/test_core_ships.py"
