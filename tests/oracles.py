@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+
+import torch
 
 from hsr_core import stats
+from hsr_core.data import Sample
+from hsr_core.encoding import encode_one
+from hsr_core.hooks import HookSet
+from hsr_core.models import LoadedModel
 
 
 def scan_wilson(k: int, n: int, z: float = stats.Z95, step: float = 1e-5) -> tuple[float, float]:
@@ -17,3 +24,38 @@ def scan_wilson(k: int, n: int, z: float = stats.Z95, step: float = 1e-5) -> tup
         if abs(p - i * step) <= z * math.sqrt(i * step * (1 - i * step) / n)
     ]
     return min(accepted), max(accepted)
+
+
+def naive_norms(
+    loaded: LoadedModel, samples: Sequence[Sample], tokens: str = "response"
+) -> dict[str, torch.Tensor]:
+    """Wanda's input norms the slow way (float64): one sample at a time, every linear's selected
+    input rows kept, column norms at the end.
+
+    Mllama's cross-attention k/v read the vision states ``[images * tiles, patches, hidden]``:
+    their rows are every patch of the tiles some token of the sample may attend to."""
+    a = loaded.adapter
+    vision = {a.linear_name(l, p) for l in a.cross_layers for p in ("k_proj", "v_proj")}
+    seen: dict[str, list[torch.Tensor]] = {}
+    for s in samples:
+        inputs, plen, rlen = encode_one(loaded, s)
+        keep = torch.zeros(inputs["input_ids"].shape[1], dtype=torch.bool)
+        if tokens == "response":
+            keep[plen : plen + rlen] = True
+        else:
+            keep[:] = True
+
+        def grab(_m, args, name, keep=keep, inputs=inputs):
+            x = args[0]
+            if name in vision:
+                tiles = inputs["cross_attention_mask"][0].bool().any(dim=0).reshape(-1)
+                rows = x[tiles].reshape(-1, x.shape[-1])
+            else:
+                rows = x[0][keep]
+            seen.setdefault(name, []).append(rows.double())
+
+        with HookSet() as hooks, torch.no_grad():
+            for name, _, _, mod in a.iter_linears():
+                hooks.pre(mod, lambda m, args, name=name: grab(m, args, name))
+            loaded.model(**inputs)
+    return {n: torch.cat(xs).square().sum(dim=0).sqrt() for n, xs in seen.items()}

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import oracles
 import pytest
 import torch
 
 from hsr_core.config import ConfigError, WandaConfig
 from hsr_core.data import builtin_calibration
 from hsr_core.encoding import encode_one
-from hsr_core.hooks import HookSet
 from hsr_core.masks import PackedMask, sparsity_report
 from hsr_core.wanda import (
     kth_smallest,
@@ -27,38 +27,8 @@ def samples(n: int = 6):
 
 
 def naive_norms(loaded, data, tokens: str = "response") -> dict[str, torch.Tensor]:
-    """One sample at a time; keep every linear's full input and take column norms at the end.
-
-    Mllama's cross-attention k/v read the vision states ``[images * tiles, patches, hidden]``:
-    their rows are every patch of the tiles some token of the sample may attend to."""
-    inputs_seen: dict[str, list[torch.Tensor]] = {}
-    a = loaded.adapter
-    vision = {a.linear_name(l, p) for l in a.cross_layers for p in ("k_proj", "v_proj")}
-    for s in data:
-        inputs, plen, rlen = encode_one(loaded, s)
-        keep = torch.zeros(inputs["input_ids"].shape[1], dtype=torch.bool)
-        if tokens == "response":
-            keep[plen : plen + rlen] = True
-        else:
-            keep[:] = True
-
-        def grab(_m, args, name, keep=keep, inputs=inputs):
-            x = args[0]
-            if name in vision:
-                seen = inputs["cross_attention_mask"][0].bool().any(dim=0).reshape(-1)
-                rows = x[seen].reshape(-1, x.shape[-1])
-            else:
-                rows = x[0][keep]
-            inputs_seen.setdefault(name, []).append(rows.clone())
-
-        with HookSet() as hooks, torch.no_grad():
-            for name, _, _, mod in loaded.adapter.iter_linears():
-                hooks.pre(mod, lambda _m, args, name=name: grab(_m, args, name))
-            loaded.model(**inputs)
-    return {
-        n: torch.linalg.vector_norm(torch.cat(xs).double(), dim=0).float()
-        for n, xs in inputs_seen.items()
-    }
+    """``oracles.naive_norms`` in float32, as ``wanda_norms`` gives them."""
+    return {n: v.float() for n, v in oracles.naive_norms(loaded, data, tokens).items()}
 
 
 @pytest.mark.parametrize("tokens", ["response", "all"])

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from oracles import naive_norms
 
 # imported here, not in the fixtures: collecting the file then loads the model code (seconds),
 # once for a mutation run's every mutant instead of once per mutant
@@ -24,7 +25,6 @@ from hsr_core import encoding, wanda
 from hsr_core.config import WandaConfig
 from hsr_core.data import Sample, builtin_calibration, with_typographic_images
 from hsr_core.distributed import World
-from hsr_core.encoding import encode_one
 from hsr_core.hooks import HookSet, count_hooks
 from hsr_core.models import LoadedModel, ModelSpec, build_adapter
 from hsr_core.progress import Cancelled
@@ -478,38 +478,6 @@ def llama() -> LoadedModel:
 
 def data(n: int) -> list[Sample]:
     return builtin_calibration().utility[:n]
-
-
-def naive_norms(loaded: LoadedModel, samples, tokens: str) -> dict[str, torch.Tensor]:
-    """One sample at a time, every linear's selected input rows kept, column norms at the end.
-
-    Mllama's cross-attention k/v read the vision states ``[images * tiles, patches, hidden]``:
-    their rows are every patch of the tiles some token of the sample may attend to."""
-    a = loaded.adapter
-    vision = {a.linear_name(l, p) for l in a.cross_layers for p in ("k_proj", "v_proj")}
-    seen: dict[str, list[torch.Tensor]] = {}
-    for s in samples:
-        inputs, plen, rlen = encode_one(loaded, s)
-        keep = torch.zeros(inputs["input_ids"].shape[1], dtype=torch.bool)
-        if tokens == "response":
-            keep[plen : plen + rlen] = True
-        else:
-            keep[:] = True
-
-        def grab(_m, args, name, keep=keep, inputs=inputs):
-            x = args[0]
-            if name in vision:
-                tiles = inputs["cross_attention_mask"][0].bool().any(dim=0).reshape(-1)
-                rows = x[tiles].reshape(-1, x.shape[-1])
-            else:
-                rows = x[0][keep]
-            seen.setdefault(name, []).append(rows.double())
-
-        with HookSet() as hooks, torch.no_grad():
-            for name, _, _, mod in a.iter_linears():
-                hooks.pre(mod, lambda m, args, name=name: grab(m, args, name))
-            loaded.model(**inputs)
-    return {n: torch.cat(xs).square().sum(dim=0).sqrt() for n, xs in seen.items()}
 
 
 def assert_close_norms(fast, slow):
