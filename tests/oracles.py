@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from hsr_core import stats
@@ -59,3 +60,18 @@ def naive_norms(
                 hooks.pre(mod, lambda m, args, name=name: grab(m, args, name))
             loaded.model(**inputs)
     return {n: torch.cat(xs).square().sum(dim=0).sqrt() for n, xs in seen.items()}
+
+
+def loop_bootstrap(columns, statistic, resamples: int, seed: int) -> list:
+    """The paired bootstrap as a plain loop: ``resamples`` draws of the rows (numpy's generator
+    with ``seed``, ``integers(0, n, n)`` each), ``statistic`` of each draw's columns; the values
+    that are not None, in draw order."""
+    rng = np.random.default_rng(seed)
+    n = len(columns[0])
+    out = []
+    for _ in range(resamples):
+        idx = [int(i) for i in rng.integers(0, n, n)]
+        value = statistic(*[[col[i] for i in idx] for col in columns])
+        if value is not None:
+            out.append(value)
+    return out

@@ -13,7 +13,7 @@ import statistics
 
 import numpy as np
 import pytest
-from oracles import scan_wilson
+from oracles import loop_bootstrap, scan_wilson
 
 from hsr_core import stats
 from hsr_core.config import EvalConfig
@@ -44,18 +44,6 @@ def quantile(values: list[float], q: float) -> float:
     """The 2.5% / 97.5% cut of ``statistics.quantiles`` (inclusive = type 7)."""
     cuts = statistics.quantiles(values, n=40, method="inclusive")
     return cuts[0] if q < 0.5 else cuts[-1]
-
-
-def loop_bootstrap(columns, statistic, resamples, seed):
-    rng = np.random.default_rng(seed)
-    n = len(columns[0])
-    out = []
-    for _ in range(resamples):
-        idx = [int(i) for i in rng.integers(0, n, n)]
-        value = statistic(*[[col[i] for i in idx] for col in columns])
-        if value is not None:
-            out.append(value)
-    return out
 
 
 def plain_rsr(d, p, r):

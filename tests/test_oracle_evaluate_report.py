@@ -15,6 +15,7 @@ import math
 
 import numpy as np
 import pytest
+from oracles import loop_bootstrap
 
 from hsr_core.evaluate import compare, evaluation_lines, noise_notes, rate_text
 
@@ -61,14 +62,7 @@ def hand_difference(a: list[str], b: list[str]) -> float:
 def loop_interval(names, statistic, resamples: int, seed: int) -> dict:
     """value, low, high, defined, resamples, seed, contains_zero of a plain resampling loop."""
     cols = [VERDICTS[n] for n in names]
-    n = len(cols[0])
-    rng = np.random.default_rng(seed)
-    got = []
-    for _ in range(resamples):
-        idx = [int(i) for i in rng.integers(0, n, n)]
-        s = statistic(*[[c[i] for i in idx] for c in cols])
-        if s is not None:
-            got.append(s)
+    got = loop_bootstrap(cols, statistic, resamples, seed)
     low = float(np.percentile(got, 2.5)) if got else None
     high = float(np.percentile(got, 97.5)) if got else None
     return {
