@@ -61,7 +61,7 @@ def test_both_statistic_paths_equal_naive(tiny_llama, tokens, weighted, fused, m
 
     def spy(self, select, *rest):
         out = original(self, select, *rest)
-        hooked.append((self._rows, self._weights))
+        hooked.append((self._rows, self._weights, bool(select.all())))
         return out
 
     monkeypatch.setattr(wanda._NormCollector, "weighted_sum", weighted)
@@ -71,9 +71,16 @@ def test_both_statistic_paths_equal_naive(tiny_llama, tokens, weighted, fused, m
     fast = wanda_norms(tiny_llama, data, WandaConfig(tokens=tokens, batch_size=3))
     slow = naive_norms(tiny_llama, data, tokens)
     assert hooked
-    for rows, weights in hooked:  # the path asked for ran
+    for rows, weights, everything in hooked:  # the path asked for ran
         assert (weights is not None) == weighted
-        assert (rows is not None) == (not weighted and tokens == "response") or tokens == "all"
+        # rows are gathered unless weighted, or every token of the batch is selected
+        assert (rows is not None) == (not weighted and not everything)
+    if not weighted:  # response tokens are a part of each batch; every "all" batch here pads
+        assert any(rows is not None for rows, _, _ in hooked)
+    if tokens == "all" and not weighted:  # one sample a batch: no padding, nothing gathered
+        hooked.clear()
+        wanda_norms(tiny_llama, data[:2], WandaConfig(tokens="all", batch_size=1))
+        assert len(hooked) == 2 and all(rows is None for rows, _, _ in hooked)
     for name in fast:
         assert torch.allclose(fast[name], slow[name], rtol=1e-4, atol=1e-5), name
 
