@@ -39,7 +39,6 @@ PERPLEXITY_IS = "answer-token perplexity of the utility set"
 """What the utility proxy is, in the words every display uses."""
 
 
-@torch.inference_mode()
 def generate(
     loaded: LoadedModel,
     samples: Sequence[Sample],
@@ -62,36 +61,36 @@ def generate(
     Returns:
         One decoded answer per sample (special tokens removed).
     """
-    from transformers import StoppingCriteriaList
+    with torch.inference_mode():
+        from transformers import StoppingCriteriaList
 
-    answers: list[str] = []
-    tok = loaded.tokenizer
-    n_batches = -(-len(samples) // cfg.batch_size)
-    batches = iter_batches(
-        loaded, samples, cfg.batch_size, with_response=False, side="left", system=system
-    )
-    stopping = StoppingCriteriaList([StopOnFlag([should_stop])]) if should_stop else None
-    if progress is None:
-        batches = bar(batches, desc=desc, total=n_batches, unit="batch")
-    for batch in batches:
-        check_stop(should_stop)
-        inputs = batch.to(loaded.device).inputs
-        out = loaded.model.generate(
-            **inputs,
-            max_new_tokens=cfg.max_new_tokens,
-            do_sample=False,
-            pad_token_id=tok.pad_token_id,
-            stopping_criteria=stopping,
+        answers: list[str] = []
+        tok = loaded.tokenizer
+        n_batches = -(-len(samples) // cfg.batch_size)
+        batches = iter_batches(
+            loaded, samples, cfg.batch_size, with_response=False, side="left", system=system
         )
-        check_stop(should_stop)  # stopped inside generate: its cut answers are not kept
-        new = out[:, inputs["input_ids"].shape[1] :]
-        answers += [t.strip() for t in tok.batch_decode(new, skip_special_tokens=True)]
-        if progress is not None:
-            progress.update(1)
-    return answers
+        stopping = StoppingCriteriaList([StopOnFlag([should_stop])]) if should_stop else None
+        if progress is None:
+            batches = bar(batches, desc=desc, total=n_batches, unit="batch")
+        for batch in batches:
+            check_stop(should_stop)
+            inputs = batch.to(loaded.device).inputs
+            out = loaded.model.generate(
+                **inputs,
+                max_new_tokens=cfg.max_new_tokens,
+                do_sample=False,
+                pad_token_id=tok.pad_token_id,
+                stopping_criteria=stopping,
+            )
+            check_stop(should_stop)  # stopped inside generate: its cut answers are not kept
+            new = out[:, inputs["input_ids"].shape[1] :]
+            answers += [t.strip() for t in tok.batch_decode(new, skip_special_tokens=True)]
+            if progress is not None:
+                progress.update(1)
+        return answers
 
 
-@torch.inference_mode()
 def perplexity(
     loaded: LoadedModel,
     samples: Sequence[Sample],
@@ -107,20 +106,21 @@ def perplexity(
     Returns:
         ``exp(mean token negative log-likelihood)``; NaN when no sample has an answer.
     """
-    with_answer = [s for s in samples if s.response]
-    nll, count = 0.0, 0
-    for batch in iter_batches(loaded, with_answer, batch_size):
-        check_stop(should_stop)
-        batch = batch.to(loaded.device)
-        logits = loaded.model(**batch.inputs, use_cache=False).logits.float()
-        ids = batch.inputs["input_ids"]
-        target = batch.response_mask[:, 1:]  # token t is predicted at position t - 1
-        logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None])[..., 0]
-        nll -= float(logp[target].sum())
-        count += int(target.sum())
-        if progress is not None:
-            progress.update(1)
-    return math.exp(nll / count) if count else math.nan
+    with torch.inference_mode():
+        with_answer = [s for s in samples if s.response]
+        nll, count = 0.0, 0
+        for batch in iter_batches(loaded, with_answer, batch_size):
+            check_stop(should_stop)
+            batch = batch.to(loaded.device)
+            logits = loaded.model(**batch.inputs, use_cache=False).logits.float()
+            ids = batch.inputs["input_ids"]
+            target = batch.response_mask[:, 1:]  # token t is predicted at position t - 1
+            logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None])[..., 0]
+            nll -= float(logp[target].sum())
+            count += int(target.sum())
+            if progress is not None:
+                progress.update(1)
+        return math.exp(nll / count) if count else math.nan
 
 
 def rsr(asr_dense: float, asr_pruned: float, asr_realigned: float) -> float | None:

@@ -193,6 +193,13 @@ def head_ablation(
     adapter: ModelAdapter, heads: Sequence[tuple[int, int]], mode: str = "zero"
 ) -> Iterator[None]:
     """Ablate the given ``(layer, head)`` pairs in every batch row (a plain, unbatched ablation)."""
+    yield from _head_ablation(adapter, heads, mode)
+
+
+def _head_ablation(
+    adapter: ModelAdapter, heads: Sequence[tuple[int, int]], mode: str
+) -> Iterator[None]:
+    # the body of ``head_ablation``, undecorated so that mutation testing reaches it
     by_layer: dict[int, list[int]] = {}
     for layer, head in heads:
         by_layer.setdefault(layer, []).append(head)

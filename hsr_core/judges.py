@@ -237,7 +237,6 @@ class GuardJudge:
             return False
         return None
 
-    @torch.inference_mode()
     def unsafe(self, prompt: str, answer: str, *, should_stop: StopFlag = None) -> bool | None:
         """The judge model's verdict on one answer (None when it says neither).
 
@@ -247,25 +246,28 @@ class GuardJudge:
         Raises:
             Cancelled: the stop flag was set.
         """
-        from transformers import StoppingCriteriaList
+        with torch.inference_mode():
+            from transformers import StoppingCriteriaList
 
-        check_stop(should_stop)
-        tok = self.loaded.tokenizer
-        chat = [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
-        ids = tok.apply_chat_template(chat, return_tensors="pt", return_dict=True).to(
-            self.loaded.device
-        )
-        out = self.loaded.model.generate(
-            **ids,
-            max_new_tokens=self.max_new_tokens,
-            do_sample=False,
-            pad_token_id=tok.pad_token_id,
-            stopping_criteria=StoppingCriteriaList([StopOnFlag([should_stop])])
-            if should_stop
-            else None,
-        )
-        check_stop(should_stop)  # stopped inside generate: its cut verdict is not used
-        return self.parse(tok.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True))
+            check_stop(should_stop)
+            tok = self.loaded.tokenizer
+            chat = [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+            ids = tok.apply_chat_template(chat, return_tensors="pt", return_dict=True).to(
+                self.loaded.device
+            )
+            out = self.loaded.model.generate(
+                **ids,
+                max_new_tokens=self.max_new_tokens,
+                do_sample=False,
+                pad_token_id=tok.pad_token_id,
+                stopping_criteria=StoppingCriteriaList([StopOnFlag([should_stop])])
+                if should_stop
+                else None,
+            )
+            check_stop(should_stop)  # stopped inside generate: its cut verdict is not used
+            return self.parse(
+                tok.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
+            )
 
 
 # --- classing answers -------------------------------------------------------------------------

@@ -71,8 +71,7 @@ class PackedMask:
 Masks = dict[str, PackedMask]
 
 
-@functools.cache
-def _expansion_table(value: bool, device: torch.device) -> torch.Tensor:
+def _make_expansion_table(value: bool, device: torch.device) -> torch.Tensor:
     """``[256]`` int64: entry ``b`` holds the 8 bools of byte ``b`` (bit i -> bool i), each
     ``value`` where the bit is set; the int64 is only a container for the 8 bytes."""
     bools = (torch.arange(256, dtype=torch.uint8)[:, None] & _BITS) != 0  # [256, 8]
@@ -81,7 +80,10 @@ def _expansion_table(value: bool, device: torch.device) -> torch.Tensor:
     return bools.contiguous().view(torch.int64).view(-1).to(device)
 
 
-@torch.no_grad()
+# cached by wrapping, not by a decorator: mutation testing skips decorated functions
+_expansion_table = functools.cache(_make_expansion_table)
+
+
 def apply_mask(weight: torch.Tensor, mask: PackedMask) -> None:
     """Zero the pruned entries of ``weight`` in place.
 
@@ -90,7 +92,8 @@ def apply_mask(weight: torch.Tensor, mask: PackedMask) -> None:
     """
     if tuple(weight.shape) != mask.shape:
         raise ValueError(f"a mask of shape {mask.shape} cannot prune a weight of {weight.shape}")
-    weight.mul_(mask.unpack_keep(weight.device))
+    with torch.no_grad():
+        weight.mul_(mask.unpack_keep(weight.device))
 
 
 def pruned_total(masks: Masks) -> int:

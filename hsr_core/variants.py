@@ -154,7 +154,6 @@ class Variants:
             self._store = WeightStore(self.loaded, self.scratch)
         return self._store
 
-    @torch.no_grad()
     def _own_weights(self) -> None:
         """Give the decoder linears' CPU weights memory of their own, in bulk.
 
@@ -168,7 +167,7 @@ class Variants:
         for mod in self._modules.values():
             w = mod.weight
             if w.device.type == "cpu" and not w.untyped_storage().resizable():
-                w.data = w.data.clone()
+                w.data = w.data.clone()  # .data: outside autograd, no torch.no_grad needed
 
     def dense_weight(self, name: str) -> torch.Tensor:
         """The dense weight of a decoder linear, whatever variant is active."""
@@ -239,7 +238,6 @@ class Variants:
 
     # -- switching --------------------------------------------------------------------------
 
-    @torch.no_grad()
     def switch(self, variant: str) -> None:
         """Make ``variant`` the active one, changing weights in place.
 
@@ -247,7 +245,7 @@ class Variants:
         variant that was active before (through the dense copy) and raises: the model is never
         left between two variants.
         """
-        with self._lock:
+        with self._lock, torch.no_grad():
             if variant not in VARIANTS:
                 raise ValueError(f"unknown variant {variant!r}; choose from {VARIANTS}")
             if variant == self.current:
@@ -320,6 +318,10 @@ class Variants:
     @contextmanager
     def use(self, variant: str) -> Iterator[LoadedModel]:
         """Activate ``variant`` for the body, then switch back to what was active before."""
+        yield from self._using(variant)
+
+    def _using(self, variant: str) -> Iterator[LoadedModel]:
+        # the body of ``use``, undecorated so that mutation testing reaches it (docs/MUTATION.md)
         with self._lock:
             prev = self.current
             self.switch(variant)

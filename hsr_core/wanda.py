@@ -21,7 +21,7 @@ image, so calibration samples without one give it no statistics (an error says s
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -438,8 +438,13 @@ def prune_masks(
 
 
 @contextmanager
-def _pruned_layer(layer_linears: dict[str, nn.Linear], masks: Masks):
+def _pruned_layer(layer_linears: dict[str, nn.Linear], masks: Masks) -> Iterator[None]:
     """Prune a layer's linears (``apply_mask``) for the duration, then put the originals back."""
+    yield from _pruning_layer(layer_linears, masks)
+
+
+def _pruning_layer(layer_linears: dict[str, nn.Linear], masks: Masks) -> Iterator[None]:
+    # the body of ``_pruned_layer``, undecorated so that mutation testing reaches it
     saved = {n: m.weight.detach().clone() for n, m in layer_linears.items()}
     try:
         for n, m in layer_linears.items():
