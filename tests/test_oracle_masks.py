@@ -130,3 +130,20 @@ def test_sparsity_report_of_no_masks():
         "per_module": {},
     }
     assert pruned_total({}) == 0
+
+
+def test_apply_mask_unpacks_the_mask_on_the_weights_device(monkeypatch: pytest.MonkeyPatch):
+    """The keep mask is unpacked where the weight lives: a CPU mask on a GPU weight would fail
+    there (``mul_`` with a CPU operand), which neither a CPU nor the meta device shows, so the
+    device asked for is read from a spy."""
+    asked = []
+    unpack_keep = PackedMask.unpack_keep
+
+    def spy(self, device=None):
+        asked.append(device)
+        return unpack_keep(self, device)
+
+    monkeypatch.setattr(PackedMask, "unpack_keep", spy)
+    w = torch.zeros(3, 5, device="meta")
+    apply_mask(w, PackedMask.pack(torch.rand(3, 5) < 0.5))
+    assert asked == [w.device]
