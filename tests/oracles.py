@@ -75,3 +75,26 @@ def loop_bootstrap(columns, statistic, resamples: int, seed: int) -> list:
         if value is not None:
             out.append(value)
     return out
+
+
+def slow_row_mask(score: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k`` lowest of each row by a sort on (value, column): ties to the earlier column."""
+    out_f, in_f = score.shape
+    mask = torch.zeros(out_f, in_f, dtype=torch.bool)
+    for i in range(out_f):
+        row = score[i].tolist()
+        for j in sorted(range(in_f), key=lambda j: (row[j], j))[: max(k, 0)]:
+            mask[i, j] = True
+    return mask
+
+
+def slow_nm_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """The ``n`` lowest of each group of ``m`` consecutive entries of each row, by a sort on
+    (value, column): ties to the earlier column."""
+    mask = torch.zeros(score.shape, dtype=torch.bool)
+    for i in range(score.shape[0]):
+        for g in range(0, score.shape[1], m):
+            group = sorted((score[i, g + j].item(), g + j) for j in range(m))
+            for _, j in group[:n]:
+                mask[i, j] = True
+    return mask

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from oracles import naive_norms
+from oracles import naive_norms, slow_nm_mask, slow_row_mask
 
 # imported here, not in the fixtures: collecting the file then loads the model code (seconds),
 # once for a mutation run's every mutant instead of once per mutant
@@ -46,27 +46,6 @@ from hsr_core.wanda import (
 
 # ---------------------------------------------------------------------------------------------
 # slow references
-
-
-def slow_row_mask(score: torch.Tensor, k: int) -> torch.Tensor:
-    """The ``k`` lowest of each row by a sort on (value, column): ties to the earlier column."""
-    out_f, in_f = score.shape
-    mask = torch.zeros(out_f, in_f, dtype=torch.bool)
-    for i in range(out_f):
-        row = score[i].tolist()
-        for j in sorted(range(in_f), key=lambda j: (row[j], j))[: max(k, 0)]:
-            mask[i, j] = True
-    return mask
-
-
-def slow_nm_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
-    mask = torch.zeros(score.shape, dtype=torch.bool)
-    for i in range(score.shape[0]):
-        for g in range(0, score.shape[1], m):
-            group = sorted((score[i, g + j].item(), g + j) for j in range(m))
-            for _, j in group[:n]:
-                mask[i, j] = True
-    return mask
 
 
 def random_scores(g: torch.Generator, out_f: int, in_f: int, kind: str) -> torch.Tensor:
