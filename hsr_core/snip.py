@@ -216,7 +216,6 @@ def _gradient_pass(
         for n, layer, _, m in a.iter_linears()
         if layer in wanted and (names is None or n in names)
     }
-    grads = _SampleGradients(modules)
     image_ids = _image_token_ids(loaded.model)
     device = loaded.device
     any_tokens = False
@@ -226,6 +225,8 @@ def _gradient_pass(
         _no_parameter_grads(loaded.model),
         HookSet() as hooks,
     ):
+        grads = _SampleGradients(modules)  # here: under a caller's inference_mode, the sums
+        # made outside would be inference tensors, which the backward hooks cannot add to
         for n, m in modules.items():
             hooks.post(m, grads.hook(n))
         for batch in batches:
