@@ -389,6 +389,13 @@ def _weights_swapped(
 ) -> Iterator[None]:
     """Give a layer's linears the given weights for the duration, then put the originals back
     (bit-exactly, also when the body raises)."""
+    yield from _swapping_weights(linears, values)
+
+
+def _swapping_weights(
+    linears: Mapping[str, nn.Linear], values: Mapping[str, torch.Tensor]
+) -> Iterator[None]:
+    # the body of ``_weights_swapped``, undecorated so that mutation testing reaches it
     saved = {n: m.weight.detach().clone() for n, m in linears.items()}
     try:
         with torch.no_grad():

@@ -697,3 +697,17 @@ def test_vision_layers_without_images_are_a_clear_error(tiny_mllama):
         hessians(tiny_mllama, data(2), WandaConfig())
     with pytest.raises(ValueError, match=msg):
         sparsegpt_masks(tiny_mllama, data(2), WandaConfig(), out=empty_out(tiny_mllama))
+
+
+def test_weights_swapped_for_the_duration_then_put_back_bit_exactly():
+    g = torch.Generator().manual_seed(2)
+    a, b = torch.nn.Linear(3, 2, bias=False), torch.nn.Linear(2, 2, bias=False)
+    before = {"a": a.weight.detach().clone(), "b": b.weight.detach().clone()}
+    values = {"a": torch.randn(2, 3, generator=g), "b": torch.randn(2, 2, generator=g)}
+    with sg._weights_swapped({"a": a, "b": b}, values):
+        assert torch.equal(a.weight, values["a"]) and torch.equal(b.weight, values["b"])
+    assert torch.equal(a.weight, before["a"]) and torch.equal(b.weight, before["b"])
+    with pytest.raises(RuntimeError, match="^boom$"), sg._weights_swapped({"a": a, "b": b}, values):
+        raise RuntimeError("boom")
+    assert torch.equal(a.weight, before["a"]) and torch.equal(b.weight, before["b"])
+    assert a.weight.requires_grad and a.weight.grad_fn is None  # still a plain parameter
