@@ -276,6 +276,31 @@ def check_weights(w: World, want: dict[str, torch.Tensor]) -> None:
         assert torch.equal(mod.weight.detach(), want[n]), n
 
 
+def test_switch_refuses_what_does_not_exist_yet(world, tmp_path):
+    """Catches ``switch`` letting an unknown variant, a pruned model without masks or a
+    realigned one without a restore set through (or failing some other way than its own
+    error, with its own message), or changing a weight when it refuses."""
+    w = world
+    v = Variants(w.loaded, scratch=tmp_path / "v")
+    with pytest.raises(ValueError, match=r"^unknown variant 'dense'; choose from \("):
+        v.switch("dense")
+    with pytest.raises(VariantError, match=r"^no pruned model yet: run the prune step first$"):
+        v.switch("pruned")
+    with pytest.raises(VariantError, match=r"^no realigned model yet: run the prune step first$"):
+        v.switch("realigned")
+    v.switch("original")  # already active: nothing to do
+    w.check(v, "original")
+    v.install(w.masks)
+    with pytest.raises(VariantError, match=r"^no realigned model yet: run the realign step first$"):
+        v.switch("realigned")
+    w.check(v, "original")
+    v.switch("pruned")
+    with pytest.raises(VariantError, match=r"^no realigned model yet: run the realign step first$"):
+        v.switch("realigned")
+    w.check(v, "pruned", w.masks)
+    v.close()
+
+
 def test_install_keeps_what_is_installed_and_falls_back(world, tmp_path, monkeypatch):
     """Catches ``install`` accepting a restore set or updated weights without masks, not
     keeping the objects already installed (compared by identity), not putting a new restore
