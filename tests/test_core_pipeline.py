@@ -230,8 +230,8 @@ def test_evaluate_reports_one_progress_over_every_variant(tiny_llama, tmp_path, 
     made = []
     real_bar = pl.bar
 
-    def recording_bar(*args, **kwargs):
-        made.append(real_bar(*args, **kwargs))
+    def recording_bar(*args, **kwargs):  # enabled even under TQDM_DISABLE (mutation.sh sets it)
+        made.append(real_bar(*args, **kwargs, disable=False))
         return made[-1]
 
     def no_bar(*_args, **_kwargs):
