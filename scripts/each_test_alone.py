@@ -1,0 +1,105 @@
+"""Run tests one at a time, each in a pytest process of its own: does any test need another?
+
+    python scripts/each_test_alone.py                       # every test (hours on 2 cores)
+    python scripts/each_test_alone.py --sample 100 --seed 3  # 100 tests drawn at random
+    python scripts/each_test_alone.py tests/test_core_heads.py --jobs 2
+
+Collects the tests (``pytest --collect-only -q``), runs each node id alone
+(``pytest -p no:cacheprovider -q NODEID``), and prints one line per test (its outcome and
+seconds) and a summary with every failure's command; the exit status is 1 when a test failed
+alone. ``--exclude`` leaves out files by substring (default: the browser tests, which start a
+browser and an app per process; pass ``--exclude ''`` to keep them). Torch runs one thread
+per process (``OMP_NUM_THREADS=1``) unless the environment says otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import re
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def collect(paths: list[str]) -> list[str]:
+    """The node ids pytest collects under ``paths`` (in collection order)."""
+    out = subprocess.run(
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *paths],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    ids = [line for line in out.stdout.splitlines() if "::" in line and not line.startswith(" ")]
+    if out.returncode not in (0, 5) or not ids:
+        sys.exit(f"error: collection failed (exit {out.returncode}):\n{out.stdout[-3000:]}")
+    return ids
+
+
+def run_alone(node: str, env: dict[str, str]) -> tuple[str, str, float]:
+    """``(node, outcome, seconds)``; outcome is pytest's last summary word (passed, failed,
+    skipped, xfailed, xpassed, error) or ``exit N`` when no summary came."""
+    t0 = time.monotonic()
+    out = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", node],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    seconds = time.monotonic() - t0
+    summary = out.stdout.strip().splitlines()[-1] if out.stdout.strip() else ""
+    words = re.findall(r"\d+ (passed|failed|skipped|xfailed|xpassed|errors?)", summary)
+    bad = {"failed", "error", "errors"} & set(words)
+    if out.returncode not in (0, 5) or bad:
+        outcome = sorted(bad)[0] if bad else f"exit {out.returncode}"
+    else:
+        outcome = words[0] if words else f"exit {out.returncode}"
+    return node, outcome, seconds
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("paths", nargs="*", default=["tests"], help="test files or folders (tests)")
+    ap.add_argument("--sample", type=int, default=0, help="run only this many, drawn at random")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the draw (0)")
+    ap.add_argument("--jobs", type=int, default=1, help="tests run side by side (1)")
+    ap.add_argument(
+        "--exclude",
+        default="test_browser.py",
+        help="comma-separated substrings of node ids to leave out (test_browser.py)",
+    )
+    args = ap.parse_args(argv)
+    if args.sample < 0 or args.jobs < 1:
+        ap.error("--sample must be 0 or more and --jobs 1 or more")
+
+    excluded = [e for e in args.exclude.split(",") if e]
+    ids = [n for n in collect(args.paths) if not any(e in n for e in excluded)]
+    if args.sample and args.sample < len(ids):
+        ids = sorted(random.Random(args.seed).sample(ids, args.sample), key=ids.index)
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    env.pop("HSR_TEST_ORDER", None)
+    print(f"{len(ids)} tests, each alone, {args.jobs} at a time", flush=True)
+
+    failed: list[str] = []
+    start = time.monotonic()
+    with ThreadPoolExecutor(args.jobs) as pool:
+        for i, (node, outcome, seconds) in enumerate(pool.map(lambda n: run_alone(n, env), ids), 1):
+            print(f"[{i}/{len(ids)}] {outcome:8} {seconds:6.1f} s  {node}", flush=True)
+            if outcome not in ("passed", "skipped", "xfailed", "xpassed"):
+                failed.append(node)
+    print(
+        f"--- {len(ids) - len(failed)} of {len(ids)} pass alone ({time.monotonic() - start:.0f} s)"
+    )
+    for node in failed:
+        print(f"FAILED ALONE: {sys.executable} -m pytest -q {node}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
