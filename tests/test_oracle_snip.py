@@ -196,6 +196,12 @@ def test_sample_gradients_sums_on_the_weights_device_in_float32():
     assert grads.sums["a"].device.type == "meta" and grads.sums["a"].shape == (4, 3)
     assert grads.sums["b"].device.type == "cpu" and grads.sums["b"].shape == (5, 2)
     assert grads.sums["a"].dtype == grads.sums["b"].dtype == torch.float32
+    default = torch.get_default_dtype()
+    try:  # float32 whatever the default dtype
+        torch.set_default_dtype(torch.float64)
+        assert _SampleGradients(mods).sums["b"].dtype == torch.float32
+    finally:
+        torch.set_default_dtype(default)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -404,6 +410,23 @@ def test_no_selected_token_is_a_clear_error(llama):
             _gradient_pass(llama, [one, one], WandaConfig(tokens=tokens), [0, 1], progress, None)
         assert str(e.value) == message
     assert_state(llama, before)
+
+
+def test_a_two_token_sample_predicts_its_second_token(llama):
+    """tokens='all': the only prediction is token 1's, from position 0."""
+    ids = torch.tensor([[5, 7]])
+    two = Batch({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, ids == 0, [2])
+    progress = types.SimpleNamespace(update=lambda n: None)
+    name = llama.adapter.linear_name(1, "up_proj")
+    fast = _gradient_pass(llama, [two], WandaConfig(tokens="all"), [1], progress, None)
+    assert list(fast) == [n for n, lay, _, _ in llama.adapter.iter_linears() if lay == 1]
+    w = llama.adapter.linear(1, "up_proj").weight
+    with torch.enable_grad():
+        logits = llama.model(input_ids=ids, use_cache=False).logits[0].float()
+        (g,) = torch.autograd.grad(F.cross_entropy(logits[:1], ids[0, 1:]), [w])
+    want = g.double().abs()
+    assert float(want.max()) > 0
+    assert torch.allclose(fast[name].double(), want, rtol=1e-4, atol=1e-4 * float(want.max()))
 
 
 @pytest.mark.parametrize(
