@@ -42,6 +42,7 @@ declare -A TESTS=(
   [stats]="tests/test_oracle_stats.py tests/test_core_stats.py"
   [pipeline]="tests/test_core_pipeline.py tests/test_core_cli_values.py"
   [sparsegpt]="tests/test_oracle_sparsegpt.py tests/test_core_sparsegpt.py"
+  [snip]="tests/test_oracle_snip.py"
 )
 if [[ $# -gt 0 ]]; then
   tests=("$@")
