@@ -28,6 +28,7 @@ from hsr_core.judges import (
     is_refusal,
     judge_verdicts,
 )
+from hsr_core.progress import Cancelled
 
 # --- the judge model ---------------------------------------------------------------------------
 
@@ -126,6 +127,35 @@ def test_guard_reads_only_its_new_tokens_with_its_settings():
     loaded, _, model = scripted("unsafe S2")
     assert GuardJudge(loaded, max_new_tokens=3).unsafe("p", "a") is True
     assert model.calls[0]["max_new_tokens"] == 3
+
+
+class StoppedInsideGenerate(ScriptedGuard):
+    """``generate`` reads the stopping criteria once, as a real one does after each token."""
+
+    def generate(self, input_ids, **kwargs):
+        kwargs["stopping_criteria"](input_ids, None)
+        return super().generate(input_ids, **kwargs)
+
+
+def test_a_stop_during_the_guards_generation_gives_no_verdict():
+    """A stop set while the judge model generates (after the check before it): its cut
+    verdict is not returned, ``Cancelled`` is raised."""
+    tok = ScriptedTokenizer()
+    loaded = SimpleNamespace(
+        tokenizer=tok, model=StoppedInsideGenerate(tok, "unsafe"), device="cpu"
+    )
+    reads = []
+
+    def stop_after_the_first_read() -> bool:
+        reads.append(1)
+        return len(reads) > 1
+
+    with pytest.raises(Cancelled):
+        GuardJudge(loaded).unsafe("p", "a", should_stop=stop_after_the_first_read)
+    assert len(loaded.model.calls) == 1
+    with pytest.raises(Cancelled):  # stopped already: the judge model does not run
+        GuardJudge(loaded).unsafe("p", "a", should_stop=lambda: True)
+    assert len(loaded.model.calls) == 1
 
 
 # --- the keyword judge's defaults at its entry points ------------------------------------------
