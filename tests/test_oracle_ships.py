@@ -23,18 +23,50 @@ from __future__ import annotations
 import math
 import os
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
+# imported at collection, so that mutmut's warm-up loads them once (not once per mutant)
+from transformers import LlamaForCausalLM, MllamaForConditionalGeneration  # noqa: F401
+
+from hsr_core import ships
 from hsr_core.config import ShipsConfig
-from hsr_core.data import Sample, builtin_calibration
+from hsr_core.data import Sample, builtin_calibration, with_typographic_images
+from hsr_core.distributed import World
 from hsr_core.encoding import encode_one
-from hsr_core.ships import ships_scores
+from hsr_core.heads import all_heads
+from hsr_core.hooks import count_hooks, record_layers
+from hsr_core.models import LoadedModel, ModelSpec, build_adapter, load_model
+from hsr_core.progress import Cancelled
+from hsr_core.ships import ablated_finals, ships_scores
 
 
 def probe_samples(n: int) -> list[Sample]:
     return [Sample(s.prompt) for s in builtin_calibration().safety[:n]]
+
+
+@pytest.fixture(scope="module")
+def llama() -> LoadedModel:
+    """The built-in tiny Llama's shape (2 layers, 4 heads, 2 KV heads), built in memory (not
+    saved or loaded: a fraction of a second, for the mutation runs); Ships never changes it."""
+    from hsr_core.builtin import build_tokenizer, tiny_llama_config
+
+    tok = build_tokenizer()
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config(tok)).eval()
+    return LoadedModel(ModelSpec("tiny"), Path("."), model, tok, None, build_adapter(model))
+
+
+@pytest.fixture(scope="module")
+def mllama(tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
+    """The built-in tiny Llama-3.2-Vision (4 decoder layers, layer 2 a cross-attention layer,
+    which Mllama skips for a prompt without an image), saved and loaded once for this file."""
+    from hsr_core.builtin import save_tiny_mllama
+
+    root = tmp_path_factory.mktemp("ships-mllama")
+    return load_model(str(save_tiny_mllama(root / "model")), cache_dir=root / "cache")
 
 
 def naive_forward(loaded, inputs, head=None, mode="zero"):
@@ -116,14 +148,14 @@ def naive_ships(loaded, samples, mode: str, metric: str, r_main: int = 1) -> tor
         ("zero", "angle", 2),
     ],
 )
-def test_ships_scores_equal_independent_naive_loop(tiny_llama, mode, metric, r_main):
+def test_ships_scores_equal_independent_naive_loop(llama, mode, metric, r_main):
     """Catches, for ``uniform``: the running mean taken over the whole sequence (not causal),
     over the wrong KV group (``h`` or ``h % K`` instead of ``h // (H/K)``), or of the queries /
     keys instead of the values; for ``zero``: the wrong slice zeroed (a KV group's, or an
     off-by-one block); for ``kl``: the KL direction reversed, not averaged over prompts, or
     taken at another position; for ``angle``: the wrong singular vectors (right instead of
     left), a missing absolute value, or the r_main sum dropped."""
-    loaded = tiny_llama
+    loaded = llama
     a = loaded.adapter
     assert a.num_kv_heads < a.num_heads  # GQA: the KV group mapping matters
     samples = probe_samples(3)
@@ -141,10 +173,10 @@ def test_ships_scores_equal_independent_naive_loop(tiny_llama, mode, metric, r_m
     assert (slow.flatten().sort().values.diff() > 1e-2 * slow.abs().max()).any()
 
 
-def test_uniform_and_zero_differ_and_heads_of_one_group_differ(tiny_llama):
+def test_uniform_and_zero_differ_and_heads_of_one_group_differ(llama):
     """Catches ``uniform`` silently doing ``zero`` and ablating a whole KV group (both heads
     of a group must give different scores under either mode)."""
-    loaded = tiny_llama
+    loaded = llama
     samples = probe_samples(2)
     zero = ships_scores(loaded, samples, ShipsConfig(num_samples=2, metric="kl"))
     uniform = ships_scores(
@@ -339,3 +371,497 @@ def test_score_table_by_hand():
         assert caught[0].filename == __file__ and caught[0].lineno == line  # the caller's line
     with pytest.raises(ValueError):
         _table_via(2, 3, heads, values[:2], set())
+
+
+# ---------------------------------------------------------------------------------------------
+# the batched replay, the driver, the halving on running out of memory and the multi-process
+# path, on tiny models built once per file (fast: mutation runs)
+
+
+def answered(n: int, skip: int = 0) -> list[Sample]:
+    """Harmful requests with their refusals: Ships must read the prompt only."""
+    return list(builtin_calibration().safety[skip : skip + n])
+
+
+def naive_finals(loaded, sample, heads, mode: str) -> torch.Tensor:
+    """``[heads, hidden]`` float64: one full pass per head, ablated by this file's hooks."""
+    inputs, _, _ = encode_one(loaded, sample, with_response=False)
+    return torch.stack([naive_forward(loaded, inputs, hd, mode)[0] for hd in heads])
+
+
+def recorded(loaded, sample):
+    inputs, _, _ = encode_one(loaded, sample, with_response=False)
+    return record_layers(loaded.model, loaded.adapter, inputs)
+
+
+@pytest.mark.parametrize("mode", ["zero", "uniform"])
+def test_ablated_finals_equal_full_passes(llama, mode):
+    """Every batch size (one head a batch, batches spanning both layers and growing during the
+    replay, one batch, a batch larger than the heads): each row is the final-norm state of a
+    full pass with that head ablated; the progress after each batch; no graph, no hooks left."""
+    a = llama.adapter
+    heads = all_heads(a.num_layers, a.num_heads)  # 8
+    sample = answered(1)[0]
+    record = recorded(llama, sample)
+    slow = naive_finals(llama, sample, heads, mode)
+    assert (slow - record.final[0, -1].double()).abs().amax(-1).min() > 1e-3  # all ablate
+    for batch, fractions in [
+        (1, [i / 8 for i in range(1, 9)]),
+        (3, [3 / 8, 6 / 8, 1.0]),
+        (8, [1.0]),
+        (20, [1.0]),
+    ]:
+        seen = []
+        fast = ablated_finals(
+            llama, record, heads, mode=mode, batch_size=batch, on_batch=seen.append
+        )
+        assert fast.shape == (8, a.hidden_size) and fast.dtype == torch.float32
+        assert not fast.requires_grad  # run under inference mode: no graph
+        assert torch.allclose(fast.double(), slow, rtol=1e-4, atol=1e-5), batch
+        assert seen == fractions
+        assert count_hooks(llama.model) == 0
+    # heads of the last layer only, and one head: the replay starts at that layer
+    tail = [(1, 0), (1, 3)]
+    got = ablated_finals(llama, record, tail, mode=mode, batch_size=1)
+    assert torch.allclose(got.double(), slow[[4, 7]], rtol=1e-4, atol=1e-5)
+    # the default mode is zero, the default batch 16 (24 rows: a head may come more than once)
+    if mode == "zero":
+        seen = []
+        thrice = sorted(heads * 3)
+        got = ablated_finals(llama, record, thrice, on_batch=seen.append)
+        assert seen == [16 / 24, 1.0]
+        assert torch.allclose(got.double(), slow.repeat_interleave(3, 0), rtol=1e-4, atol=1e-5)
+
+
+def test_ablated_finals_stop_between_batches(llama):
+    a = llama.adapter
+    heads = all_heads(a.num_layers, a.num_heads)
+    record = recorded(llama, answered(1)[0])
+    asked, seen = [], []
+
+    def stop() -> bool:
+        asked.append(1)
+        return len(asked) == 3
+
+    with pytest.raises(Cancelled):
+        ablated_finals(llama, record, heads, batch_size=2, should_stop=stop, on_batch=seen.append)
+    assert len(asked) == 3 and seen == [2 / 8, 4 / 8]  # polled before each batch
+    assert count_hooks(llama.model) == 0
+    asked.clear()
+    ablated_finals(llama, record, heads, batch_size=3, should_stop=lambda: bool(asked.append(1)))
+    assert len(asked) == 3
+
+
+def test_ablated_finals_of_a_skipped_cross_attention_layer(mllama):
+    """A prompt without an image: Mllama skips its cross-attention layer 2, so ablating one of
+    its heads changes nothing (the intact state, exactly); the other heads' replay passes over
+    the skipped layer (the identity), as the full passes do. With an image, layer 2 runs and
+    its heads change the state."""
+    a = mllama.adapter
+    assert a.cross_layers == {2}
+    heads = all_heads(a.num_layers, a.num_heads)  # 16
+    plain = answered(1)[0]
+    record = recorded(mllama, plain)
+    assert record.skipped == {2}
+    intact = record.final[0, -1]
+    others = [hd for hd in heads if hd[0] != 2]
+    slow = naive_finals(mllama, plain, others, "zero")
+    for batch, fractions in [
+        (3, [3 / 16, 6 / 16, 9 / 16, 12 / 16]),
+        (5, [5 / 16, 10 / 16, 12 / 16]),
+    ]:
+        seen = []
+        fast = ablated_finals(mllama, record, heads, batch_size=batch, on_batch=seen.append)
+        assert fast.shape == (16, a.hidden_size) and seen == fractions
+        for i, (l, _) in enumerate(heads):
+            if l == 2:
+                assert torch.equal(fast[i], intact), i
+        rest = fast[[i for i, hd in enumerate(heads) if hd[0] != 2]]
+        assert torch.allclose(rest.double(), slow, rtol=1e-4, atol=1e-5), batch
+    # only heads of the skipped layer: nothing to replay, the intact state for each
+    cross = [(2, 0), (2, 3), (2, 1)]
+    seen = []
+    got = ablated_finals(mllama, record, cross, on_batch=seen.append)
+    assert got.shape == (3, a.hidden_size) and seen == []
+    assert all(torch.equal(row, intact) for row in got)
+    # with an image the cross-attention heads count
+    pictured = with_typographic_images([plain])[0]
+    rec = recorded(mllama, pictured)
+    assert rec.skipped == frozenset()
+    got = ablated_finals(mllama, rec, cross)
+    assert all((row - rec.final[0, -1]).abs().max() > 1e-4 for row in got)
+
+
+class Steps:
+    """``ships.steps`` replaced: records each bar's items, label and unit, and every
+    ``advance(fraction)`` as ``(item index, fraction)``."""
+
+    def __init__(self, monkeypatch):
+        self.bars: list[tuple[list, str, str]] = []
+        self.advanced: list[tuple[int, float]] = []
+
+        def steps(items, *, desc, unit="it"):
+            self.bars.append((list(items), desc, unit))
+            for i, item in enumerate(items):
+                yield item, (lambda f, i=i: self.advanced.append((i, f)))
+
+        monkeypatch.setattr(ships, "steps", steps)
+
+
+def composed(loaded, samples, cfg, heads=None) -> torch.Tensor:
+    """``ships_scores`` put together by hand from its parts: each prompt (without its response)
+    recorded and replayed in batches of ``cfg.batch_size``; ``angle``: the float32 states'
+    principal angles; ``kl``: float64 KLs added prompt by prompt, divided by the count; the
+    heads of a cross-attention layer no prompt ran score 0."""
+    a = loaded.adapter
+    heads = sorted(heads) if heads is not None else all_heads(a.num_layers, a.num_heads)
+    intact, ablated = [], []
+    kl = torch.zeros(len(heads), dtype=torch.float64)
+    never = set(a.cross_layers)
+    for s in samples:
+        record = recorded(loaded, Sample(s.prompt, image=s.image, image_text=s.image_text))
+        never &= record.skipped
+        finals = ablated_finals(loaded, record, heads, mode=cfg.ablation, batch_size=cfg.batch_size)
+        base = record.final[:, -1]
+        intact.append(base.float())
+        ablated.append(finals.float())
+        with torch.inference_mode():
+            kl += ships._kl(a.lm_head(base), a.lm_head(finals))
+    if cfg.metric == "angle":
+        values = ships.principal_angle_sum(torch.cat(intact), torch.stack(ablated, 1), cfg.r_main)
+    else:
+        values = kl / len(samples)
+    table = torch.full((a.num_layers, a.num_heads), math.nan)
+    for (l, h), v in zip(heads, values.tolist(), strict=True):
+        table[l, h] = 0.0 if l in never else v
+    return table
+
+
+def same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """The same float32 table, NaN where the other has NaN, every other value bit for bit."""
+    return (
+        a.dtype == b.dtype == torch.float32
+        and a.shape == b.shape
+        and torch.equal(a.isnan(), b.isnan())
+        and torch.equal(a.nan_to_num(), b.nan_to_num())
+    )
+
+
+@pytest.mark.parametrize(
+    ("metric", "ablation", "r_main", "batch"),
+    [
+        ("kl", "zero", 1, 3),
+        ("kl", "uniform", 1, 16),
+        ("angle", "uniform", 2, 5),
+        ("angle", "zero", 1, 3),
+    ],
+)
+def test_ships_scores_compose_their_parts_exactly(
+    llama, monkeypatch, metric, ablation, r_main, batch
+):
+    """The driver, bit for bit: prompts with answers (ignored), the configured mode, batch and
+    r_main, the KLs summed in float64; its bar (label, unit, the prompts, the advance after
+    every replay batch) and the stop flag polled once a prompt and once a replay batch."""
+    samples = answered(3)
+    cfg = ShipsConfig(
+        num_samples=3, metric=metric, ablation=ablation, r_main=r_main, batch_size=batch
+    )
+    want = composed(llama, samples, cfg)
+    bar = Steps(monkeypatch)
+    asked = []
+    got = ships_scores(llama, samples, cfg, should_stop=lambda: bool(asked.append(1)))
+    assert same(got, want)
+    assert not got.isnan().any()
+    assert bar.bars == [(samples, "Ships attribution", "prompt")]
+    per_prompt = [min(b, 8) / 8 for b in range(batch, 8 + batch, batch)]
+    assert bar.advanced == [(i, f) for i in range(3) for f in per_prompt]
+    assert len(asked) == 3 * (1 + len(per_prompt))
+    assert count_hooks(llama.model) == 0
+
+
+def test_ships_scores_of_some_heads(llama):
+    """Heads given in any order: only those scored (as in the full table), the rest NaN."""
+    samples = answered(2)
+    cfg = ShipsConfig(num_samples=2, metric="kl", batch_size=2)
+    some = [(1, 2), (0, 3), (1, 0)]
+    got = ships_scores(llama, samples, cfg, heads=some)
+    assert same(got, composed(llama, samples, cfg, heads=some))
+    assert got.isnan().sum() == 5 and not got[1, 2].isnan() and not got[0, 3].isnan()
+    full = ships_scores(llama, samples, cfg)
+    for hd in some:
+        assert got[hd].item() == pytest.approx(full[hd].item(), rel=1e-5)
+
+
+def test_ships_scores_prompt_counts(llama):
+    """``angle`` needs at least max(2, r_main) prompts; ``kl`` works with one."""
+    for n, r_main in [(1, 1), (1, 2), (2, 3)]:
+        with pytest.raises(ValueError) as e:
+            ships_scores(llama, answered(n), ShipsConfig(num_samples=3, r_main=r_main))
+        need = max(2, r_main)
+        assert str(e.value) == (
+            f"dataset-level Ships needs at least {need} probe prompts (got {n}): with one "
+            "prompt every angle is 0"
+        )
+    for n, r_main in [(2, 1), (2, 2), (3, 3)]:
+        cfg = ShipsConfig(num_samples=n, r_main=r_main, batch_size=8)
+        assert same(ships_scores(llama, answered(n), cfg), composed(llama, answered(n), cfg))
+    cfg = ShipsConfig(num_samples=1, metric="kl", r_main=3, batch_size=8)
+    assert same(ships_scores(llama, answered(1), cfg), composed(llama, answered(1), cfg))
+
+
+def test_ships_scores_stop(llama):
+    asked = []
+
+    def stop() -> bool:
+        asked.append(1)
+        return len(asked) == 1
+
+    with pytest.raises(Cancelled):  # before the first prompt is even encoded
+        ships_scores(llama, answered(2), ShipsConfig(num_samples=2), should_stop=stop)
+    assert len(asked) == 1 and count_hooks(llama.model) == 0
+
+
+class Replays:
+    """``ships.ablated_finals`` replaced: records each call's batch size and keywords, and runs
+    out of memory for batches above ``fits`` (for every batch when ``fits`` is 0)."""
+
+    def __init__(self, monkeypatch, fits: int):
+        self.sizes: list[int] = []
+        self.keywords: list[dict] = []
+        real = ships.ablated_finals
+
+        def replay(loaded, record, heads, **kw):
+            self.sizes.append(kw["batch_size"])
+            self.keywords.append(kw)
+            if len(self.sizes) > 12:
+                raise AssertionError("the batch never stops halving")
+            if fits == 0 or kw["batch_size"] > fits:
+                raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+            return real(loaded, record, heads, **kw)
+
+        monkeypatch.setattr(ships, "ablated_finals", replay)
+
+
+@pytest.mark.parametrize(
+    ("batch", "fits", "sizes"),
+    [(8, 2, [8, 4, 2, 2, 2]), (6, 1, [6, 3, 1, 1, 1]), (3, 3, [3, 3, 3])],
+)
+def test_out_of_memory_halves_the_batch_and_keeps_it(llama, monkeypatch, batch, fits, sizes):
+    """On running out of memory the replay is retried with half the batch (never below 1), and
+    the batch that fitted is the next prompt's; the result is the same."""
+    samples = answered(3)
+    cfg = ShipsConfig(num_samples=3, metric="kl", ablation="uniform", batch_size=batch)
+    want = ships_scores(llama, samples, cfg)
+    calls = Replays(monkeypatch, fits)
+    bar = Steps(monkeypatch)
+
+    def stop() -> bool:
+        return False
+
+    got = ships_scores(llama, samples, cfg, should_stop=stop)
+    assert calls.sizes == sizes
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-8)
+    for kw in calls.keywords:
+        assert kw["mode"] == "uniform" and kw["should_stop"] is stop and kw["on_batch"] is not None
+    assert {i for i, _ in bar.advanced} == {0, 1, 2}  # each prompt's advance reached the replay
+
+
+def test_out_of_memory_with_a_batch_of_one_is_raised(llama, monkeypatch):
+    calls = Replays(monkeypatch, 0)
+    with pytest.raises(torch.OutOfMemoryError):
+        ships_scores(llama, answered(2), ShipsConfig(num_samples=2, batch_size=8))
+    assert calls.sizes == [8, 4, 2, 1]
+
+
+def test_vision_scores_compose_exactly_and_score_cross_heads(mllama):
+    """A prompt with an image runs the cross-attention layer: its heads are scored; without any
+    image they score exactly 0, with a warning."""
+    pictured = with_typographic_images(answered(1))
+    mixed = [pictured[0], *answered(1, skip=1)]  # the image first, the last prompt without
+    for metric in ("kl", "angle"):
+        cfg = ShipsConfig(num_samples=2, metric=metric, batch_size=5)
+        got = ships_scores(mllama, mixed, cfg)
+        assert same(got, composed(mllama, mixed, cfg))
+        assert (got[2] != 0).all() and not got.isnan().any()
+    cfg = ShipsConfig(num_samples=2, metric="kl", batch_size=5)
+    with pytest.warns(UserWarning, match=r"cross-attention layers \[2\] never ran"):
+        got = ships_scores(mllama, answered(2), cfg)
+    assert (got[2] == 0).all() and (got[[0, 1, 3]] > 0).all()
+    assert same(got, composed(mllama, answered(2), cfg))
+
+
+# ---------------------------------------------------------------------------------------------
+# the processes of accelerate launch, scripted in this process
+
+
+class Scripted(World):
+    """One process of a scripted ``size``-process world, run one after another in this process:
+    ``gather`` on the main process needs every other's parts (sent by an earlier run), and a
+    non-main process's ``broadcast`` number ``i`` needs the main one's (LookupError until
+    then)."""
+
+    def __init__(self, rank: int, size: int, board: dict):
+        super().__init__(rank, size)
+        self.board, self.calls = board, 0
+
+    def gather(self, obj):
+        self.board["sent"][self.rank] = obj
+        if not self.is_main:
+            return None
+        if len(self.board["sent"]) < self.size:
+            raise LookupError("the other processes have not sent yet")
+        return [self.board["sent"][r] for r in range(self.size)]
+
+    def broadcast(self, obj):
+        i, self.calls = self.calls, self.calls + 1
+        if self.is_main:
+            self.board["answers"][i] = obj
+            return obj
+        if i not in self.board["answers"]:
+            raise LookupError("the main process has not answered yet")
+        return self.board["answers"][i]
+
+
+def shared_run(loaded, samples, cfg, size, monkeypatch, **kw):
+    """Every rank of a ``size``-process world: the main one (stopped at its gather), the others
+    (stopped at the table's broadcast), the main one again, the others again. Returns each
+    rank's table, and its bars and stop polls in its last run."""
+    board: dict = {"sent": {}, "answers": {}}
+    results, bars, polls = {}, {}, {}
+    for rank in [0, *range(1, size), 0, *range(1, size)]:
+        bar = Steps(monkeypatch)
+        asked: list[int] = []
+        w = Scripted(rank, size, board)
+        monkeypatch.setattr(ships, "world", lambda w=w: w)
+        try:
+            results[rank] = ships_scores(
+                loaded, samples, cfg, should_stop=lambda asked=asked: bool(asked.append(1)), **kw
+            )
+        except LookupError:
+            continue
+        finally:
+            bars[rank], polls[rank] = (bar.bars, bar.advanced), len(asked)
+    return results, bars, polls
+
+
+@pytest.mark.parametrize(
+    ("n", "size", "metric", "ablation", "batch"),
+    [
+        (5, 2, "angle", "zero", 3),  # by prompts: 3 | 2
+        (3, 3, "kl", "uniform", 16),  # by prompts: one each
+        (4, 3, "kl", "zero", 5),  # 2 | 1 | 1
+        (1, 2, "kl", "zero", 3),  # by heads: batches 3, 3 | 2
+        (2, 3, "angle", "uniform", 3),  # by heads: 3 | 3 | 2
+        (1, 3, "kl", "uniform", 8),  # by heads: one batch, ranks 1 and 2 get none
+    ],
+)
+def test_shared_scores_equal_one_process_bit_for_bit(
+    llama, monkeypatch, n, size, metric, ablation, batch
+):
+    samples = answered(n)
+    cfg = ShipsConfig(num_samples=n, metric=metric, ablation=ablation, batch_size=batch)
+    one = ships_scores(llama, samples, cfg)
+    results, bars, polls = shared_run(llama, samples, cfg, size, monkeypatch)
+    assert sorted(results) == list(range(size))
+    for rank, got in results.items():
+        assert same(got, one), rank
+    by_heads = n < size
+    for rank in range(size):
+        ((items, desc, unit),) = bars[rank][0]
+        assert desc == f"Ships attribution ({rank + 1}/{size})" and unit == "prompt"
+        if by_heads:  # every prompt, a share of the heads in whole batches
+            assert items == list(range(n))
+            span = ships.chunk_share(8, batch, rank, size)
+            done = (
+                [min(b, len(span)) / len(span) for b in range(batch, len(span) + batch, batch)]
+                if len(span)
+                else []
+            )
+        else:  # a share of the prompts, every head
+            assert items == list(ships.share(n, rank, size))
+            done = [min(b, 8) / 8 for b in range(batch, 8 + batch, batch)]
+        assert bars[rank][1] == [(i, f) for i in range(len(items)) for f in done], rank
+        assert polls[rank] == len(items) * (1 + len(done)), rank
+    assert count_hooks(llama.model) == 0
+
+
+def test_shared_scores_of_some_heads_use_the_main_processes_list(llama, monkeypatch):
+    samples = answered(1)
+    cfg = ShipsConfig(num_samples=1, metric="kl", batch_size=2)
+    some = [(1, 3), (0, 0), (1, 1)]
+    one = ships_scores(llama, samples, cfg, heads=some)
+    results, _, _ = shared_run(llama, samples, cfg, 2, monkeypatch, heads=some)
+    assert sorted(results) == [0, 1]
+    assert all(same(got, one) for got in results.values())
+    assert one.isnan().sum() == 5
+
+
+@pytest.mark.parametrize(
+    ("images", "size", "metric"),
+    [
+        ("1010", 2, "kl"),  # by prompts: the cross-attention layer ran in some prompts
+        ("0110", 2, "angle"),
+        ("01", 3, "angle"),  # by heads: layer 2 skipped in one prompt, its heads intact there
+        ("10", 3, "kl"),
+    ],
+)
+def test_vision_shared_scores_equal_one_process(mllama, monkeypatch, images, size, metric):
+    plain = answered(len(images))
+    pictured = with_typographic_images(plain)
+    samples = [pictured[i] if c == "1" else plain[i] for i, c in enumerate(images)]
+    cfg = ShipsConfig(num_samples=len(samples), metric=metric, batch_size=5)
+    one = ships_scores(mllama, samples, cfg)
+    assert same(one, composed(mllama, samples, cfg))
+    assert (one[2] != 0).all()  # some prompt ran layer 2
+    results, _, _ = shared_run(mllama, samples, cfg, size, monkeypatch)
+    assert sorted(results) == list(range(size))
+    for rank, got in results.items():
+        assert same(got, one), rank
+
+
+@pytest.mark.parametrize(("n", "size"), [(3, 2), (1, 2)])
+def test_vision_shared_scores_without_images(mllama, monkeypatch, n, size):
+    """No prompt has an image: layer 2's heads score 0 in every process (the main one warns)."""
+    cfg = ShipsConfig(num_samples=n, metric="kl", batch_size=5)
+    with pytest.warns(UserWarning, match=r"cross-attention layers \[2\] never ran"):
+        one = ships_scores(mllama, answered(n), cfg)
+    with pytest.warns(UserWarning, match=r"cross-attention layers \[2\] never ran"):
+        results, _, _ = shared_run(mllama, answered(n), cfg, size, monkeypatch)
+    assert sorted(results) == list(range(size))
+    assert (one[2] == 0).all() and (one[[0, 1, 3]] > 0).all()
+    for got in results.values():
+        assert same(got, one)
+
+
+class Moved:
+    """An input tensor that records the device it is moved to (``.to``), then is the tensor."""
+
+    def __init__(self, tensor: torch.Tensor, seen: list):
+        self.tensor, self.seen = tensor, seen
+
+    def to(self, device):
+        self.seen.append(device)
+        return self.tensor.to(device)
+
+
+@pytest.mark.parametrize("size", [1, 2])
+def test_inputs_go_to_the_models_device(llama, monkeypatch, size):
+    """Each prompt's encoded inputs are moved to the model's device, one process or several
+    (on a GPU a CPU input beside a CUDA model fails; on the CPU only the call shows it)."""
+    seen: list = []
+    real = ships.encode_one
+
+    def encode(loaded, sample, **kw):
+        inputs, p, r = real(loaded, sample, **kw)
+        return {k: Moved(v, seen) for k, v in inputs.items()}, p, r
+
+    monkeypatch.setattr(ships, "encode_one", encode)
+    cfg = ShipsConfig(num_samples=2, metric="kl", batch_size=8)
+    if size == 1:
+        ships_scores(llama, answered(2), cfg)
+        runs = 1
+    else:
+        results, _, _ = shared_run(llama, answered(2), cfg, size, monkeypatch)
+        assert sorted(results) == [0, 1]
+        runs = 2  # the main process and the other one, once each in full
+    assert len(seen) >= 2 * runs * 2 and set(seen) == {llama.device}
