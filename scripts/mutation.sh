@@ -34,7 +34,7 @@ declare -A TESTS=(
   [evaluate]="tests/test_oracle_evaluate.py tests/test_oracle_evaluate_records.py tests/test_oracle_evaluate_report.py tests/test_core_judges.py tests/test_core_stats.py"
   [heads]="tests/test_core_heads.py tests/test_oracle_realign.py"
   [realign]="tests/test_oracle_realign.py"
-  [ships]="tests/test_oracle_ships.py tests/test_core_ships.py"
+  [ships]="tests/test_oracle_ships.py"
   [wanda]="tests/test_oracle_wanda.py"
   [masks]="tests/test_oracle_masks.py"
   [variants]="tests/test_oracle_variants.py"
@@ -43,6 +43,7 @@ declare -A TESTS=(
   [pipeline]="tests/test_core_pipeline.py tests/test_core_cli_values.py"
   [sparsegpt]="tests/test_oracle_sparsegpt.py tests/test_core_sparsegpt.py"
   [snip]="tests/test_oracle_snip.py"
+  [screen]="tests/test_oracle_screen.py"
 )
 if [[ $# -gt 0 ]]; then
   tests=("$@")
