@@ -1,0 +1,134 @@
+"""Oracles for the localization ladder's accounting (mutation testing of localize.py, issue 18).
+
+The random-head control's restore set field by field (per head and projection, per module,
+the pool, the totals) and the head rungs under both slicings, each against head blocks
+written out here as index sets; ``plan`` taking the realignment's settings from HSR's restore
+set, or the defaults without one.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+# the model classes once at collection, not in each mutant's test run (docs/MUTATION.md)
+import transformers.models.llama.modeling_llama  # noqa: F401
+
+from hsr_core import localize
+from hsr_core.config import LocalizeConfig, RealignConfig, WandaConfig
+from hsr_core.heads import Head
+from hsr_core.models import ATTN_PROJS
+from hsr_core.wanda import prune_masks
+
+SCORES = torch.tensor([[0.9, 0.8, 0.1, 0.3], [0.2, 0.5, 0.7, 0.05]])
+
+
+def block(a, proj: str, h: int, shape, slicing: str) -> set[int]:
+    """Flat indices of head ``h``'s slice of ``proj``: the paper's reading (``head``: rows of
+    q/k/v, columns of o) or the released code's (``reference``: columns of q/k/v, all of o)."""
+    out_f, in_f = shape
+    d = a.head_dim
+    own = (h if proj in ("q_proj", "o_proj") else h // (a.num_heads // a.num_kv_heads)) * d
+    if slicing == "reference":
+        if proj == "o_proj":
+            return set(range(out_f * in_f))
+        return {r * in_f + c for r in range(out_f) for c in range(own, own + d)}
+    if proj == "o_proj":
+        return {r * in_f + c for r in range(out_f) for c in range(own, own + d)}
+    return {r * in_f + c for r in range(own, own + d) for c in range(in_f)}
+
+
+def pruned_set(mask) -> set[int]:
+    return set(torch.nonzero(mask.unpack().reshape(-1)).squeeze(1).tolist())
+
+
+@pytest.fixture
+def world(tiny_llama):
+    g = torch.Generator().manual_seed(3)
+    utility = {
+        n: torch.rand(m.weight.shape[1], generator=g) + 0.05
+        for n, _, _, m in tiny_llama.adapter.iter_linears()
+    }
+    return tiny_llama, prune_masks(tiny_llama, utility, WandaConfig(sparsity=0.5))
+
+
+@pytest.mark.parametrize("slicing", ["head", "reference"])
+@pytest.mark.parametrize("count", [7, 150])
+def test_random_head_restore_accounting_by_brute_force(world, slicing, count) -> None:
+    loaded, masks = world
+    a = loaded.adapter
+    cfg = RealignConfig(top_h=3, slicing=slicing)
+    rs = localize.random_head_restore(loaded, masks, 3, count, seed=4, cfg=cfg)
+    assert rs.config is cfg and rs.pruned_total == sum(m.count for m in masks.values())
+    pool, per_module = 0, dict.fromkeys(ATTN_PROJS, 0)
+    for name, mask in masks.items():
+        layer, proj = a.parse(name)
+        got = set(rs.indices.get(name, torch.empty(0, dtype=torch.long)).tolist())
+        if proj not in ATTN_PROJS:
+            assert not got, name
+            continue
+        allowed = set()
+        for head in rs.heads:
+            if head.layer == layer:
+                allowed |= block(a, proj, head.head, mask.shape, slicing)
+        pool += len(allowed & pruned_set(mask))
+        assert got <= allowed & pruned_set(mask), name
+        per_module[proj] += len(got)
+    assert rs.candidates == pool and rs.count == min(count, pool)
+    assert rs.per_module == per_module
+    assert set(rs.per_head) == set(rs.heads)
+    for head in rs.heads:
+        want = {}
+        for proj in ATTN_PROJS:
+            name = a.linear_name(head.layer, proj)
+            idx = set(rs.indices.get(name, torch.empty(0, dtype=torch.long)).tolist())
+            want[proj] = len(idx & block(a, proj, head.head, masks[name].shape, slicing))
+        assert rs.per_head[head] == want, head
+    # the small draw restores in some heads but not in every projection of every head: the
+    # per-head counts are not all equal or all zero, so the check above can fail
+    if count == 7:
+        assert len({v for counts in rs.per_head.values() for v in counts.values()}) > 1
+
+
+@pytest.mark.parametrize("slicing", ["head", "reference"])
+def test_without_heads_clears_exactly_their_blocks(world, slicing) -> None:
+    loaded, masks = world
+    a = loaded.adapter
+    heads = [Head(0, 1), Head(1, 2), Head(1, 3)]  # 1-2 and 1-3 share a KV group
+    new = localize.without_heads(loaded, masks, heads, slicing)
+    for name, mask in masks.items():
+        layer, proj = a.parse(name)
+        back = set()
+        if proj in ATTN_PROJS:
+            for head in heads:
+                if head.layer == layer:
+                    back |= block(a, proj, head.head, mask.shape, slicing)
+        assert pruned_set(new[name]) == pruned_set(mask) - back, name
+        assert new[name].count == len(pruned_set(mask) - back), name
+
+
+def test_plan_takes_the_realignment_settings_from_hsr_or_the_defaults(world) -> None:
+    loaded, masks = world
+    cfg = LocalizeConfig(rungs=("top_heads", "random_heads"), seeds=1)
+    order = sorted(
+        (Head(layer, h) for layer in range(2) for h in range(4)),
+        key=lambda x: -float(SCORES[x.layer, x.head]),
+    )
+    hsr = localize.random_head_restore(
+        loaded, masks, 2, 5, seed=1, cfg=RealignConfig(top_h=2, slicing="reference")
+    )
+    top, rand = localize.plan(loaded, masks, SCORES, hsr, cfg)
+    assert top.heads == tuple(order[:2]) and len(rand.heads) == 2  # hsr's top_h
+    want = localize.without_heads(loaded, masks, order[:2], "reference")  # and its slicing
+    assert {n: pruned_set(m) for n, m in top.masks.items()} == {
+        n: pruned_set(m) for n, m in want.items()
+    }
+    assert rand.restore.config is hsr.config and rand.restored == 5
+    top, rand = localize.plan(loaded, masks, SCORES, None, cfg)  # RealignConfig's defaults
+    default = RealignConfig()
+    assert top.heads == tuple(order[: min(default.top_h, 8)])
+    want = localize.without_heads(loaded, masks, top.heads, default.slicing)
+    assert {n: pruned_set(m) for n, m in top.masks.items()} == {
+        n: pruned_set(m) for n, m in want.items()
+    }
+    assert rand.restore.config == default
