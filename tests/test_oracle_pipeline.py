@@ -183,6 +183,8 @@ def test_model_key_and_the_parts_by_hand(tmp_path):
         "rescored": 6,
     }
     assert pl._ships_parts(m, PROBES, screen)["ships"]["rescored"] == 12  # top_h 10: 20, capped
+    one = ShipsConfig(mode="screen", candidates=1)
+    assert pl._ships_parts(m, PROBES, one)["ships"]["rescored"] == 10  # the default top_h, 10
     wcfg = WandaConfig(tokens="all")
     assert pl._norms_parts(m, PROBES, wcfg) == {"model": key, "data": fp, "tokens": "all"}
     (tmp_path / "m" / "config.json").write_text('{"layers": 3}')
@@ -209,7 +211,7 @@ def test_attribute_caches_exact_scores_under_every_part_of_the_key(tmp_path, mon
     stop = lambda: False  # noqa: E731
     first = pl.attribute(m, PROBES, cfg, cache, should_stop=stop)
     assert ships.calls == [(m, PROBES, cfg, stop)]
-    assert not first.cached and torch.equal(first.value, torch.full((2, 4), 1.0))
+    assert first.cached is False and torch.equal(first.value, torch.full((2, 4), 1.0))
     assert first.seconds == 2.5 and first.extra is None
     again = pl.attribute(m, PROBES, cfg, cache)
     assert again.cached and torch.equal(again.value, first.value) and again.seconds == 2.5
@@ -246,7 +248,7 @@ def test_attribute_caches_exact_scores_under_every_part_of_the_key(tmp_path, mon
     assert not pl.attribute(m, PROBES, cfg, cache).cached
 
 
-def screen_result(value: float = 1.0, scale: float = 0.25) -> ScreenResult:
+def screen_result(value: float = 1.0, scale: float = 0.1) -> ScreenResult:
     return ScreenResult(
         torch.full((2, 4), value),
         torch.tensor([[True, False, False, True], [False, False, True, False]]),
@@ -271,14 +273,14 @@ def test_attribute_screen_mode_caches_the_whole_screen_result(tmp_path, monkeypa
     first = pl.attribute(m, PROBES, cfg, cache, top_h=3, should_stop=stop)
     assert calls == [(m, PROBES, cfg, 3, stop)]
     want = screen_result(1.0)
-    assert not first.cached and first.seconds == 2.5
+    assert first.cached is False and first.seconds == 2.5
     assert torch.equal(first.value, want.scores) and first.extra is not None
     hit = pl.attribute(m, PROBES, cfg, cache, top_h=3)
     assert hit.cached and hit.seconds == 2.5 and len(calls) == 1
     assert torch.equal(hit.value, want.scores)
     for field in ("scores", "exact", "screening"):
         assert torch.equal(getattr(hit.extra, field), getattr(want, field)), field
-    assert hit.extra.scale == 0.25 and type(hit.extra.scale) is float
+    assert hit.extra.scale == 0.1 and type(hit.extra.scale) is float  # kept in float64
     assert not pl.attribute(m, PROBES, cfg, cache, top_h=4).cached  # 4 heads re-scored, not 3
     pl.attribute(m, PROBES, cfg, cache, top_h=50)  # top_h above the 8 heads: capped
     assert calls[-1][3] == 8
@@ -376,8 +378,13 @@ def test_calibrate_caches_each_set_under_model_data_and_tokens(tmp_path, monkeyp
     assert not half.cached and len(norms.calls) == 3 and norms.calls[-1][1] == UTILITY[:2]
     assert half.value.safety["layers.0.q_proj"][0] == 12.0
     fresh = pl.calibrate_set(m, SAFETY, cfg, cache, label="x", recompute=True, should_stop=stop)
-    assert not fresh.cached and norms.calls[-1] == (m, SAFETY, cfg, stop, "Wanda statistics (x)")
+    assert fresh.cached is False and fresh.seconds == 2.5
+    assert norms.calls[-1] == (m, SAFETY, cfg, stop, "Wanda statistics (x)")
     assert fresh.value["layers.0.q_proj"][0] == 42.0
+    n = len(norms.calls)
+    redone = pl.calibrate(m, SAFETY, UTILITY, cfg, cache, recompute=True)
+    assert redone.cached is False and len(norms.calls) == n + 2  # both sets computed again
+    assert [c[1] for c in norms.calls[-2:]] == [SAFETY, UTILITY]
     for loaded, c in (
         (m, WandaConfig(tokens="all")),
         (stand_in(tmp_path / "m", name="other"), cfg),
@@ -411,6 +418,10 @@ def test_estimate_from_a_known_forward_time(tmp_path, monkeypatch, clock):
     assert pl.estimate(m, PROBES, screen, SAFETY, UTILITY, wanda, cache)[
         "attribute"
     ] == pytest.approx(3 * (1 + 8 * 3 / 4 + 4) * 0.5)  # top_h 10: all 8
+    m12 = stand_in(tmp_path / "m", layers=3, heads=4)  # 12 heads: the default top_h, 10, counts
+    assert pl.estimate(m12, PROBES, screen, SAFETY, UTILITY, wanda, cache)[
+        "attribute"
+    ] == pytest.approx(3 * (1 + 10 * 4 / 6 + 4) * 0.5)
     nothing = pl.estimate(m, [], ships, SAFETY, [], wanda, cache)
     assert nothing == {"attribute": 0.0, "calibrate": 0.0, "forward": 0.0}
     only_norms = pl.estimate(m, [], ships, SAFETY, UTILITY, wanda, cache)
@@ -872,8 +883,10 @@ def test_localize_hands_its_judge_to_the_ladder(tmp_path, monkeypatch):
     }
     assert out["eval"]["min_words"] == 4 and out["judge"]["model"] == "org/guard"
     vision = FakeVariants(stand_in(tmp_path / "m", vision=True), masks=masks)
-    pl.localize(vision, "s", None, EVAL, lcfg, EvalConfig())
+    out = pl.localize(vision, "s", None, EVAL, lcfg, EvalConfig(min_words=4))
     assert ran[-1][2] == with_typographic_images(EVAL) and planned[-1][5] is None
+    assert out["judge"] == describe("keyword", 4, None)
+    assert out["judge"]["rule"].endswith("or fewer than 4 words")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -996,3 +1009,64 @@ def test_select_reference():
     items = list(range(20))
     assert data_mod.select(items, 5, 7) == sorted(random.Random(7).sample(range(20), 5))
     assert data_mod.select(items, 30, 7) == items
+
+
+def test_attribute_screens_the_ten_best_by_default(tmp_path, monkeypatch):
+    tops = []
+    monkeypatch.setattr(
+        pl, "screen_then_exact", lambda *a, top_h, **k: tops.append(top_h) or screen_result()
+    )
+    m = stand_in(tmp_path / "m", layers=3, heads=4)  # 12 heads
+    cfg = ShipsConfig(num_samples=3, mode="screen", candidates=1)
+    pl.attribute(m, PROBES, cfg, ResultCache(tmp_path / "c"))
+    assert tops == [10]
+
+
+LOCALE_SCRIPT = r"""
+import sys, types
+from pathlib import Path
+from hsr_core import pipeline as pl
+out = Path(sys.argv[1])
+pl.write_json(out / "x.json", {"x": "\u00e9"})
+class V:
+    @staticmethod
+    def use(name):
+        import contextlib
+        saver = types.SimpleNamespace(save_pretrained=lambda folder: None)
+        loaded = types.SimpleNamespace(model=saver, processor=None, tokenizer=saver)
+        return contextlib.nullcontext(loaded)
+pl.export_variant(V, "pruned", out / "exp", card="K\u00e4rtchen")
+"""
+
+
+def test_files_are_utf8_whatever_the_locale(tmp_path):
+    """``write_json`` and ``export_variant``'s card write UTF-8 under an ASCII locale too (the
+    C locale with Python's UTF-8 mode and locale coercion off), in a process of its own that
+    imports the same ``hsr_core`` (under mutmut: the same mutant)."""
+    import os
+    import subprocess
+
+    pl.write_json(tmp_path / "here.json", {"x": "é"})  # this process: the locale's UTF-8
+    saver = types.SimpleNamespace(save_pretrained=lambda folder: None)
+    variants = types.SimpleNamespace(
+        use=lambda name: contextlib.nullcontext(
+            types.SimpleNamespace(model=saver, processor=None, tokenizer=saver)
+        )
+    )
+    pl.export_variant(variants, "pruned", tmp_path / "here", card="Kärtchen")
+    assert (tmp_path / "here" / "README.md").read_bytes() == "Kärtchen".encode()
+    assert (tmp_path / "here.json").read_bytes() == '{\n  "x": "é"\n}\n'.encode()
+    root = Path(pl.__file__).resolve().parents[1]
+    env = os.environ | {"LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
+    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
+    done = subprocess.run(
+        [sys.executable, "-c", LOCALE_SCRIPT, str(tmp_path)],
+        env=env,
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "x.json").read_bytes() == (tmp_path / "here.json").read_bytes()
+    assert (tmp_path / "exp" / "README.md").read_bytes() == "Kärtchen".encode()
