@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
+from transformers import LlamaForCausalLM  # the model code loaded once, at collection
 
 from hsr_core import stats
 from hsr_core.data import Sample
@@ -27,16 +29,17 @@ def scan_wilson(k: int, n: int, z: float = stats.Z95, step: float = 1e-5) -> tup
     return min(accepted), max(accepted)
 
 
-def naive_norms(
-    loaded: LoadedModel, samples: Sequence[Sample], tokens: str = "response"
-) -> dict[str, torch.Tensor]:
-    """Wanda's input norms the slow way (float64): one sample at a time, every linear's selected
-    input rows kept, column norms at the end.
+def selected_rows(
+    loaded: LoadedModel, samples: Sequence[Sample], tokens: str = "response", names=None
+) -> dict[str, list[torch.Tensor]]:
+    """Every linear's (or those ``names``) selected input rows, float64, one sample at a time
+    (no padding): the response tokens (``tokens="response"``) or all of them (``"all"``).
 
     Mllama's cross-attention k/v read the vision states ``[images * tiles, patches, hidden]``:
     their rows are every patch of the tiles some token of the sample may attend to."""
     a = loaded.adapter
     vision = {a.linear_name(l, p) for l in a.cross_layers for p in ("k_proj", "v_proj")}
+    mods = {n: m for n, _, _, m in a.iter_linears()}
     seen: dict[str, list[torch.Tensor]] = {}
     for s in samples:
         inputs, plen, rlen = encode_one(loaded, s)
@@ -56,10 +59,44 @@ def naive_norms(
             seen.setdefault(name, []).append(rows.double())
 
         with HookSet() as hooks, torch.no_grad():
-            for name, _, _, mod in a.iter_linears():
-                hooks.pre(mod, lambda m, args, name=name: grab(m, args, name))
+            for name in mods if names is None else names:
+                hooks.pre(mods[name], lambda m, args, name=name: grab(m, args, name))
             loaded.model(**inputs)
+    return seen
+
+
+def naive_norms(
+    loaded: LoadedModel, samples: Sequence[Sample], tokens: str = "response"
+) -> dict[str, torch.Tensor]:
+    """Wanda's input norms the slow way (float64): ``selected_rows``' column norms."""
+    seen = selected_rows(loaded, samples, tokens)
     return {n: torch.cat(xs).square().sum(dim=0).sqrt() for n, xs in seen.items()}
+
+
+def memory_llama() -> LoadedModel:
+    """The built-in tiny Llama's shape (2 layers, 4 heads, 2 KV heads, hidden 64, MLP 128),
+    built in memory with seed 0: not saved or loaded."""
+    from hsr_core.builtin import build_tokenizer, tiny_llama_config
+    from hsr_core.models import ModelSpec, build_adapter
+
+    tok = build_tokenizer()
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config(tok)).eval()
+    return LoadedModel(ModelSpec("tiny"), Path("."), model, tok, None, build_adapter(model))
+
+
+class Spy:
+    """Wrap a function of a module, recording each call's arguments."""
+
+    def __init__(self, monkeypatch, owner, name):
+        self.calls: list[tuple[tuple, dict]] = []
+        original = getattr(owner, name)
+
+        def wrapped(*args, **kwargs):
+            self.calls.append((args, kwargs))
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(owner, name, wrapped)
 
 
 def loop_bootstrap(columns, statistic, resamples: int, seed: int) -> list:

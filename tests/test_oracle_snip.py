@@ -11,24 +11,23 @@ the progress bar and the stop flag.
 from __future__ import annotations
 
 import types
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from oracles import slow_nm_mask, slow_row_mask
+from oracles import memory_llama, slow_nm_mask, slow_row_mask
 from torch import nn
 
 # imported here, not in the fixtures: collecting the file then loads the model code (seconds),
 # once for a mutation run's every mutant instead of once per mutant
-from transformers import LlamaForCausalLM
+from transformers import LlamaForCausalLM  # noqa: F401
 
 from hsr_core import encoding, snip
 from hsr_core.config import WandaConfig
 from hsr_core.data import Sample, builtin_calibration
 from hsr_core.encoding import Batch, encode_one, iter_batches
 from hsr_core.hooks import count_hooks
-from hsr_core.models import LoadedModel, ModelSpec, build_adapter
+from hsr_core.models import LoadedModel
 from hsr_core.progress import Cancelled
 from hsr_core.snip import (
     _batch_loss,
@@ -212,12 +211,7 @@ def test_sample_gradients_sums_on_the_weights_device_in_float32():
 def llama() -> LoadedModel:
     """The built-in tiny Llama's shape (2 layers, 4 heads, 2 KV heads), not saved or loaded;
     SNIP leaves its weights as they were (asserted where it prunes)."""
-    from hsr_core.builtin import build_tokenizer, tiny_llama_config
-
-    tok = build_tokenizer()
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(tiny_llama_config(tok)).eval()
-    return LoadedModel(ModelSpec("tiny"), Path("."), model, tok, None, build_adapter(model))
+    return memory_llama()
 
 
 def data(n: int) -> list[Sample]:

@@ -17,10 +17,10 @@ Llama-3.2-Vision for the vision rows of its cross-attention ``k_proj`` / ``v_pro
 from __future__ import annotations
 
 import types
-from pathlib import Path
 
 import pytest
 import torch
+from oracles import Spy, memory_llama, selected_rows
 
 # imported here, not in the fixtures: collecting the file then loads the model code (seconds),
 # once for a mutation run's every mutant instead of once per mutant
@@ -30,9 +30,8 @@ from hsr_core import encoding
 from hsr_core import sparsegpt as sg
 from hsr_core.config import WandaConfig
 from hsr_core.data import Sample, builtin_calibration, with_typographic_images
-from hsr_core.encoding import encode_one
 from hsr_core.hooks import HookSet, count_hooks
-from hsr_core.models import LoadedModel, ModelSpec, build_adapter
+from hsr_core.models import LoadedModel
 from hsr_core.progress import Cancelled
 from hsr_core.sparsegpt import (
     HessianCollector,
@@ -382,12 +381,7 @@ def test_vision_inputs_are_the_cross_attention_k_and_v():
 def llama() -> LoadedModel:
     """The built-in tiny Llama's shape (2 layers, hidden 64, MLP 128), not saved or loaded;
     every test leaves its weights as they were (asserted where it prunes)."""
-    from hsr_core.builtin import build_tokenizer, tiny_llama_config
-
-    tok = build_tokenizer()
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(tiny_llama_config(tok)).eval()
-    return LoadedModel(ModelSpec("tiny"), Path("."), model, tok, None, build_adapter(model))
+    return memory_llama()
 
 
 def data(n: int) -> list[Sample]:
@@ -395,33 +389,10 @@ def data(n: int) -> list[Sample]:
 
 
 def naive_hessians(loaded: LoadedModel, samples, tokens: str = "response", names=None):
-    """``2/N X^T X`` the slow way (float64): one sample at a time (no padding), every selected
-    input row of each linear kept, one product at the end. Mllama's cross-attention k/v read
-    ``[images * tiles, patches, hidden]``: every patch of the tiles some token attends to."""
-    a = loaded.adapter
-    vision = {a.linear_name(l, p) for l in a.cross_layers for p in ("k_proj", "v_proj")}
-    mods = {n: m for n, _, _, m in a.iter_linears()}
-    seen: dict[str, list[torch.Tensor]] = {}
-    for s in samples:
-        inputs, plen, rlen = encode_one(loaded, s)
-        keep = torch.zeros(inputs["input_ids"].shape[1], dtype=torch.bool)
-        keep[plen : plen + rlen] = True
-        if tokens == "all":
-            keep[:] = True
-
-        def grab(_m, args, name, keep=keep, inputs=inputs):
-            x = args[0]
-            if name in vision:
-                tiles = inputs["cross_attention_mask"][0].bool().any(dim=0).reshape(-1)
-                rows = x[tiles].reshape(-1, x.shape[-1])
-            else:
-                rows = x[0][keep]
-            seen.setdefault(name, []).append(rows.double())
-
-        with HookSet() as hooks, torch.no_grad():
-            for name in mods if names is None else names:
-                hooks.pre(mods[name], lambda m, args, name=name: grab(m, args, name))
-            loaded.model(**inputs)
+    """``2/N X^T X`` the slow way (float64): ``selected_rows`` (one sample at a time, no
+    padding, Mllama's cross-attention k/v over the patches of the tiles some token attends to),
+    one product at the end."""
+    seen = selected_rows(loaded, samples, tokens, names)
     out = {}
     for name, xs in seen.items():
         X = torch.cat(xs)
@@ -476,20 +447,6 @@ def dense_weights(loaded):
 
 def empty_out(loaded):
     return {n: torch.full_like(m.weight, 7.0) for n, _, _, m in loaded.adapter.iter_linears()}
-
-
-class Spy:
-    """Wrap a function of a module, recording each call's arguments."""
-
-    def __init__(self, monkeypatch, owner, name):
-        self.calls: list[tuple[tuple, dict]] = []
-        original = getattr(owner, name)
-
-        def wrapped(*args, **kwargs):
-            self.calls.append((args, kwargs))
-            return original(*args, **kwargs)
-
-        monkeypatch.setattr(owner, name, wrapped)
 
 
 class Polls:

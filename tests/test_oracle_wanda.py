@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import itertools
 import types
-from pathlib import Path
 
 import pytest
 import torch
-from oracles import naive_norms, slow_nm_mask, slow_row_mask
+from oracles import Spy, memory_llama, naive_norms, slow_nm_mask, slow_row_mask
 
 # imported here, not in the fixtures: collecting the file then loads the model code (seconds),
 # once for a mutation run's every mutant instead of once per mutant
@@ -26,7 +25,7 @@ from hsr_core.config import WandaConfig
 from hsr_core.data import Sample, builtin_calibration, with_typographic_images
 from hsr_core.distributed import World
 from hsr_core.hooks import HookSet, count_hooks
-from hsr_core.models import LoadedModel, ModelSpec, build_adapter
+from hsr_core.models import LoadedModel
 from hsr_core.progress import Cancelled
 from hsr_core.wanda import (
     _NormCollector,
@@ -447,12 +446,7 @@ def test_check_all_ran_messages():
 def llama() -> LoadedModel:
     """The built-in tiny Llama's shape (2 layers, 4 heads, 2 KV heads), not saved or loaded;
     Wanda leaves its weights as they were (asserted where it prunes)."""
-    from hsr_core.builtin import build_tokenizer, tiny_llama_config
-
-    tok = build_tokenizer()
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(tiny_llama_config(tok)).eval()
-    return LoadedModel(ModelSpec("tiny"), Path("."), model, tok, None, build_adapter(model))
+    return memory_llama()
 
 
 def data(n: int) -> list[Sample]:
@@ -485,20 +479,6 @@ def naive_sequential(loaded: LoadedModel, samples, cfg: WandaConfig) -> dict[str
             for name, _, _, mod in a.iter_linears():
                 mod.weight.copy_(dense[name])
     return masks
-
-
-class Spy:
-    """Wrap a function of a module, recording each call's arguments."""
-
-    def __init__(self, monkeypatch, owner, name):
-        self.calls: list[tuple[tuple, dict]] = []
-        original = getattr(owner, name)
-
-        def wrapped(*args, **kwargs):
-            self.calls.append((args, kwargs))
-            return original(*args, **kwargs)
-
-        monkeypatch.setattr(owner, name, wrapped)
 
 
 @pytest.mark.parametrize("tokens", ["response", "all"])
