@@ -865,3 +865,14 @@ def test_inputs_go_to_the_models_device(llama, monkeypatch, size):
         assert sorted(results) == [0, 1]
         runs = 2  # the main process and the other one, once each in full
     assert len(seen) >= 2 * runs * 2 and set(seen) == {llama.device}
+
+
+def test_shared_angles_sum_over_r_main(llama, monkeypatch):
+    """The main process sums the angles of the configured r_main directions (not the default 1)."""
+    samples = answered(3)
+    cfg = ShipsConfig(num_samples=3, metric="angle", r_main=2, batch_size=4)
+    one = ships_scores(llama, samples, cfg)
+    assert not same(one, ships_scores(llama, samples, ShipsConfig(num_samples=3, batch_size=4)))
+    results, _, _ = shared_run(llama, samples, cfg, 2, monkeypatch)
+    assert sorted(results) == [0, 1]
+    assert all(same(got, one) for got in results.values())
