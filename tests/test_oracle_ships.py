@@ -23,10 +23,10 @@ from __future__ import annotations
 import math
 import os
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+from oracles import memory_llama
 
 # imported at collection, so that mutmut's warm-up loads them once (not once per mutant)
 from transformers import LlamaForCausalLM, MllamaForConditionalGeneration  # noqa: F401
@@ -38,7 +38,7 @@ from hsr_core.distributed import World
 from hsr_core.encoding import encode_one
 from hsr_core.heads import all_heads
 from hsr_core.hooks import count_hooks, record_layers
-from hsr_core.models import LoadedModel, ModelSpec, build_adapter, load_model
+from hsr_core.models import LoadedModel, load_model
 from hsr_core.progress import Cancelled
 from hsr_core.ships import ablated_finals, ships_scores
 
@@ -51,12 +51,7 @@ def probe_samples(n: int) -> list[Sample]:
 def llama() -> LoadedModel:
     """The built-in tiny Llama's shape (2 layers, 4 heads, 2 KV heads), built in memory (not
     saved or loaded: a fraction of a second, for the mutation runs); Ships never changes it."""
-    from hsr_core.builtin import build_tokenizer, tiny_llama_config
-
-    tok = build_tokenizer()
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(tiny_llama_config(tok)).eval()
-    return LoadedModel(ModelSpec("tiny"), Path("."), model, tok, None, build_adapter(model))
+    return memory_llama()
 
 
 @pytest.fixture(scope="module")
