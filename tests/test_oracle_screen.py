@@ -696,3 +696,48 @@ def test_screen_then_exact_on_the_model(llama):
     assert {tuple(h) for h in top_heads(res.exact.float(), 3)} == {tuple(h) for h in picked}
     exact = ships_scores(llama, samples, cfg, heads=[tuple(h) for h in picked])
     assert torch.equal(res.scores, merge_ranking(screening, exact).scores)
+
+
+def test_directional_effects_move_the_directions_to_the_passs_device():
+    """On the ``meta`` device (no data, but every operation checks devices) the CPU
+    directions are moved to the pass's device: the gradients are taken and only the copy of
+    the result to the CPU fails, not the product ``f . c`` (a CPU ``c`` there raises a
+    device mismatch first)."""
+    leaf = torch.zeros(1, 3, 8, device="meta", requires_grad=True)
+    final = (leaf[0] @ torch.ones(8, 5, device="meta")).sum(0)  # [hidden = 5]
+    delta = torch.ones(3, 2, 4, device="meta")
+    tracked = sc.TrackedPass(final, [leaf, None], [delta, None])
+    with pytest.raises(NotImplementedError, match="meta"):
+        directional_effects(tracked, torch.ones(2, 5, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="device"):  # what the move prevents
+        final @ torch.ones(5)
+
+
+def test_directional_effects_of_a_pass_written_by_hand():
+    """``f = sum_s A[s]^T x_s`` of one layer's input (a model with a single decoder layer):
+    d(c . f)/dx_s = A[s] c, so head h's effect is ``sum_s (A[s] c)_h . delta[s, h]``."""
+    g = torch.Generator().manual_seed(5)
+    seq, H, d_h, hidden = 3, 2, 4, 5
+    A = torch.randn(seq, H * d_h, hidden, generator=g, dtype=torch.float64)
+    leaf = torch.zeros(1, seq, H * d_h, dtype=torch.float64, requires_grad=True)
+    final = torch.einsum("sx,sxo->o", leaf[0] + 1.0, A)
+    delta = torch.randn(seq, H, d_h, generator=g)
+    C = torch.randn(3, hidden, generator=g, dtype=torch.float64)
+    got = directional_effects(sc.TrackedPass(final, [leaf], [delta]), C)
+    want = torch.zeros(3, 1, H, dtype=torch.float64)
+    for j in range(3):
+        grad = A @ C[j]  # [seq, H * d_h]
+        for h in range(H):
+            for s in range(seq):
+                want[j, 0, h] += grad[s, h * d_h : (h + 1) * d_h] @ delta[s, h].double()
+    assert torch.allclose(got, want, rtol=1e-6, atol=0)
+
+
+def test_tracked_pass_of_a_cross_attention_layer_without_its_mask(mllama):
+    """Inputs without the cross-attention mask: every query sees every vision token."""
+    inputs = dict(encoded(mllama, prompts(1, images=True)[0]))
+    del inputs["cross_attention_mask"]
+    final, _, deltas = by_hand_pass(mllama, inputs, "uniform")
+    tracked = tracked_pass(mllama, inputs, "uniform")
+    assert torch.allclose(tracked.final.double(), final, rtol=0, atol=1e-12)
+    assert torch.allclose(tracked.deltas[2].double(), deltas[2], atol=1e-6)
