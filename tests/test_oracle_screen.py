@@ -741,3 +741,32 @@ def test_tracked_pass_of_a_cross_attention_layer_without_its_mask(mllama):
     tracked = tracked_pass(mllama, inputs, "uniform")
     assert torch.allclose(tracked.final.double(), final, rtol=0, atol=1e-12)
     assert torch.allclose(tracked.deltas[2].double(), deltas[2], atol=1e-6)
+
+
+def test_screen_scores_ignore_the_responses(llama):
+    """Probe prompts with answers are scored as their prompts alone (the last prompt token)."""
+    plain = prompts(2)
+    answered = [Sample(s.prompt, response="I cannot help with that.") for s in plain]
+    for metric in ("angle", "kl"):
+        cfg = ShipsConfig(num_samples=2, metric=metric)
+        assert torch.equal(screen_scores(llama, answered, cfg), screen_scores(llama, plain, cfg))
+
+
+def test_screen_scores_sum_the_kl_terms_in_float64(llama, monkeypatch):
+    """Per-prompt terms of 1 and 5e-8 (scripted): summed in float32 the small ones vanish."""
+    L, H = llama.adapter.num_layers, llama.adapter.num_heads
+    terms = iter([1.0, 5e-8, 5e-8])
+
+    def effects(_tracked, q):
+        t = torch.full((1, L, H), math.sqrt(2 * next(terms)), dtype=torch.float64)
+        return t
+
+    monkeypatch.setattr(sc, "tracked_pass", lambda *args: SimpleNamespace(final=None))
+    monkeypatch.setattr(
+        sc, "fisher_directions", lambda *a, **k: (torch.ones(1, dtype=torch.float64), None)
+    )
+    monkeypatch.setattr(sc, "directional_effects", effects)
+    got = screen_scores(llama, prompts(3), ShipsConfig(num_samples=3, metric="kl"))
+    want = torch.tensor((1.0 + 5e-8 + 5e-8) / 3, dtype=torch.float64).float()
+    assert want != torch.tensor(1.0 / 3)
+    assert torch.equal(got, torch.full((L, H), float(want)))
