@@ -15,7 +15,7 @@ import torch
 import transformers.models.llama.modeling_llama  # noqa: F401
 
 from hsr_core import localize
-from hsr_core.config import LocalizeConfig, RealignConfig, WandaConfig
+from hsr_core.config import RUNGS, LocalizeConfig, RealignConfig, WandaConfig
 from hsr_core.heads import Head
 from hsr_core.models import ATTN_PROJS
 from hsr_core.wanda import prune_masks
@@ -132,3 +132,69 @@ def test_plan_takes_the_realignment_settings_from_hsr_or_the_defaults(world) -> 
         n: pruned_set(m) for n, m in want.items()
     }
     assert rand.restore.config == default
+
+
+def test_plan_every_rung_field_by_field(world) -> None:
+    """Each rung's variant, masks, restore set, restored count, heads, ablated heads, seed and
+    label, written out here for k = 3 and two random draws from seed 5."""
+    loaded, masks = world
+    a = loaded.adapter
+    total = sum(m.count for m in masks.values())
+    realign = RealignConfig(top_h=5)
+    hsr = localize.random_head_restore(loaded, masks, 2, 9, seed=1, cfg=realign)
+    cfg = LocalizeConfig(top_k=3, seeds=2, seed=5, rungs=tuple(reversed(RUNGS)))
+    rungs = localize.plan(loaded, masks, SCORES, hsr, cfg)
+    top = (Head(0, 0), Head(0, 1), Head(1, 2))  # 0.9, 0.8, 0.7
+    draws = [localize.random_head_restore(loaded, masks, 3, 9, 5 + i, realign) for i in range(2)]
+    attention = set(a.linear_names(attention_only=True))
+    attn_pruned = sum(m.count for n, m in masks.items() if n in attention)
+    top_back = total - sum(m.count for m in localize.without_heads(loaded, masks, top).values())
+    want = [  # name, variant, restored, heads, ablate, seed, label (reversed RUNGS order)
+        ("mlp", "pruned", total - attn_pruned, (), (), None, "every pruned MLP weight"),
+        ("attention", "pruned", attn_pruned, (), (), None, "every pruned attention weight"),
+        ("top_heads", "pruned", top_back, top, (), None, "every pruned weight of the top-3 heads"),
+    ]
+    want += [
+        (
+            "random_heads",
+            "realigned",
+            d.count,
+            tuple(d.heads),
+            (),
+            5 + i,
+            f"{d.count:,} weights in 3 random heads (seed {5 + i})",
+        )
+        for i, d in enumerate(draws)
+    ]
+    want += [
+        ("hsr", "realigned", hsr.count, tuple(hsr.heads), (), None, f"HSR ({hsr.count:,} weights)"),
+        ("pruned", "pruned", 0, (), (), None, "pruned"),
+        ("dense_ablated", "original", total, top, top, None, "dense, top-3 Ships heads ablated"),
+        ("dense", "original", total, (), (), None, "dense (original)"),
+    ]
+    got = [(r.name, r.variant, r.restored, r.heads, r.ablate, r.seed, r.label) for r in rungs]
+    assert got == want
+    assert 0 < top_back < total and 0 < attn_pruned < total and draws[0].count == 9
+    by_name = {r.name: r for r in rungs}
+    assert by_name["dense"].masks is None and by_name["dense_ablated"].masks is None
+    assert by_name["pruned"].masks is masks and by_name["hsr"].masks is masks
+    assert by_name["hsr"].restore is hsr and by_name["pruned"].restore is None
+    for r, d in zip([r for r in rungs if r.name == "random_heads"], draws, strict=True):
+        assert r.masks is masks
+        assert {n: i.tolist() for n, i in r.restore.indices.items()} == {
+            n: i.tolist() for n, i in d.indices.items()
+        }
+    for name, new in (
+        ("top_heads", localize.without_heads(loaded, masks, top)),
+        ("attention", localize.without_modules(loaded, masks, attention=True)),
+        ("mlp", localize.without_modules(loaded, masks, attention=False)),
+    ):
+        assert {n: pruned_set(m) for n, m in by_name[name].masks.items()} == {
+            n: pruned_set(m) for n, m in new.items()
+        }, name
+    # without HSR's restore set: no hsr rung, and the random draws are as large as they can be
+    rungs = localize.plan(loaded, masks, SCORES, None, cfg, realign)
+    assert "hsr" not in [r.name for r in rungs]
+    for r in rungs:
+        if r.name == "random_heads":
+            assert r.restored == r.restore.candidates  # every pruned weight of its heads
