@@ -15,9 +15,12 @@ import torch
 import transformers.models.llama.modeling_llama  # noqa: F401
 
 from hsr_core import localize
-from hsr_core.config import RUNGS, LocalizeConfig, RealignConfig, WandaConfig
+from hsr_core.config import RUNGS, EvalConfig, LocalizeConfig, RealignConfig, WandaConfig
+from hsr_core.data import Sample
 from hsr_core.heads import Head
 from hsr_core.models import ATTN_PROJS
+from hsr_core.progress import Cancelled
+from hsr_core.variants import UpdatedWeights, Variants, WeightStore
 from hsr_core.wanda import prune_masks
 
 SCORES = torch.tensor([[0.9, 0.8, 0.1, 0.3], [0.2, 0.5, 0.7, 0.05]])
@@ -198,3 +201,47 @@ def test_plan_every_rung_field_by_field(world) -> None:
     for r in rungs:
         if r.name == "random_heads":
             assert r.restored == r.restore.candidates  # every pruned weight of its heads
+
+
+def test_run_reports_each_rung_and_keeps_the_pruners_weights(world, tmp_path, monkeypatch) -> None:
+    """``run``'s bar, its ``on_rung`` calls, the restored weights per 10k pruned, a pruner's
+    updated weights kept installed on every rung, and a stop before the first rung."""
+    loaded, masks = world
+    total = sum(m.count for m in masks.values())
+    store = WeightStore(loaded, tmp_path / "updated", copy=False)
+    for n, _, _, mod in loaded.adapter.iter_linears():
+        store.tensors[n].copy_(mod.weight.detach().masked_fill(masks[n].unpack(), 0))
+    updated = UpdatedWeights(store, masks)
+    v = Variants(loaded, scratch=tmp_path / "scratch")
+    v.install(masks, None, updated)
+    rungs = localize.plan(
+        loaded, masks, SCORES, None, LocalizeConfig(top_k=2, rungs=("dense", "pruned", "mlp"))
+    )
+    bars, seen, kept = [], [], []
+    real_bar = localize.bar
+
+    def recording_bar(iterable, **kwargs):
+        bars.append(kwargs)
+        return real_bar(iterable, **kwargs)
+
+    def judge(samples, answers):
+        kept.append(v.updated is updated and v.masks is not None)
+        return [{"harmful": True, "refusal": False, "incoherent": False} for _ in samples]
+
+    monkeypatch.setattr(localize, "bar", recording_bar)
+    cfg = EvalConfig(max_new_tokens=1, batch_size=2)
+    samples = [Sample("Hi"), Sample("Why?")]
+    out = localize.run(v, rungs, samples, cfg, judge, on_rung=lambda i, r: seen.append((i, r.name)))
+    assert bars == [{"desc": "Localization ladder", "unit": "rung"}]
+    assert seen == [(0, "dense"), (1, "pruned"), (2, "mlp")] and kept == [True] * 3
+    assert [r["restored_per_10k_pruned"] for r in out] == [1e4 * r.restored / total for r in rungs]
+    assert 0 < out[2]["restored_per_10k_pruned"] < 1e4
+    with pytest.raises(Cancelled):
+        localize.run(v, rungs, samples, cfg, judge, should_stop=lambda: True, on_rung=seen.append)
+    assert len(seen) == 3  # stopped before the first rung
+    assert v.masks is masks and v.updated is updated
+    v.install(None)  # nothing pruned: no weights per 10k pruned
+    dense = localize.plan(loaded, masks, SCORES, None, LocalizeConfig(rungs=("dense",)))
+    assert localize.run(v, dense, samples, cfg, judge)[0]["restored_per_10k_pruned"] == 0.0
+    v.close()
+    updated.close()
