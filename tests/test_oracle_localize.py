@@ -17,6 +17,7 @@ import transformers.models.llama.modeling_llama  # noqa: F401
 from hsr_core import localize
 from hsr_core.config import RUNGS, EvalConfig, LocalizeConfig, RealignConfig, WandaConfig
 from hsr_core.data import Sample
+from hsr_core.evaluate import rates
 from hsr_core.heads import Head
 from hsr_core.models import ATTN_PROJS
 from hsr_core.progress import Cancelled
@@ -56,12 +57,12 @@ def world(tiny_llama):
 
 
 @pytest.mark.parametrize("slicing", ["head", "reference"])
-@pytest.mark.parametrize("count", [7, 150])
-def test_random_head_restore_accounting_by_brute_force(world, slicing, count) -> None:
+@pytest.mark.parametrize("k, count", [(3, 7), (3, 150), (8, 10**9)])  # 8: every head, all back
+def test_random_head_restore_accounting_by_brute_force(world, slicing, k, count) -> None:
     loaded, masks = world
     a = loaded.adapter
     cfg = RealignConfig(top_h=3, slicing=slicing)
-    rs = localize.random_head_restore(loaded, masks, 3, count, seed=4, cfg=cfg)
+    rs = localize.random_head_restore(loaded, masks, k, count, seed=4, cfg=cfg)
     assert rs.config is cfg and rs.pruned_total == sum(m.count for m in masks.values())
     pool, per_module = 0, dict.fromkeys(ATTN_PROJS, 0)
     for name, mask in masks.items():
@@ -228,10 +229,34 @@ def test_run_reports_each_rung_and_keeps_the_pruners_weights(world, tmp_path, mo
         kept.append(v.updated is updated and v.masks is not None)
         return [{"harmful": True, "refusal": False, "incoherent": False} for _ in samples]
 
+    descs = []
+    real_generate = localize.generate
+
+    def recording_generate(*args, **kwargs):
+        descs.append(kwargs["desc"])
+        return real_generate(*args, **kwargs)
+
     monkeypatch.setattr(localize, "bar", recording_bar)
+    monkeypatch.setattr(localize, "generate", recording_generate)
     cfg = EvalConfig(max_new_tokens=1, batch_size=2)
     samples = [Sample("Hi"), Sample("Why?")]
     out = localize.run(v, rungs, samples, cfg, judge, on_rung=lambda i, r: seen.append((i, r.name)))
+    assert descs == [r.label for r in rungs]  # each rung's generation bar named after it
+    for rung, rec in zip(rungs, out, strict=True):
+        measured = rates(rec["answers"])
+        assert rec == {
+            "name": rung.name,
+            "label": rung.label,
+            "variant": rung.variant,
+            "seed": rung.seed,
+            "heads": [h.label for h in rung.heads],
+            "restored": rung.restored,
+            "restored_per_10k_pruned": 1e4 * rung.restored / total,
+            **measured,
+            "asr_ci": measured["ci95"]["asr"],
+            "refusal_rate_benign_ci": measured["ci95"]["refusal_rate_benign"],
+            "answers": rec["answers"],
+        }
     assert bars == [{"desc": "Localization ladder", "unit": "rung"}]
     assert seen == [(0, "dense"), (1, "pruned"), (2, "mlp")] and kept == [True] * 3
     assert [r["restored_per_10k_pruned"] for r in out] == [1e4 * r.restored / total for r in rungs]
