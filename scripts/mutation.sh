@@ -31,7 +31,7 @@ module=${module#hsr_core/}
 
 declare -A TESTS=(
   [judges]="tests/test_oracle_judges.py tests/test_core_judges.py tests/test_oracle_evaluate.py"
-  [evaluate]="tests/test_oracle_evaluate.py tests/test_oracle_evaluate_records.py tests/test_oracle_evaluate_report.py tests/test_core_judges.py tests/test_core_stats.py"
+  [evaluate]="tests/test_oracle_evaluate.py tests/test_oracle_evaluate_records.py tests/test_oracle_evaluate_report.py tests/test_oracle_generation.py tests/test_core_judges.py tests/test_core_stats.py"
   [heads]="tests/test_core_heads.py tests/test_oracle_realign.py"
   [realign]="tests/test_oracle_realign.py"
   [ships]="tests/test_oracle_ships.py"
@@ -44,6 +44,7 @@ declare -A TESTS=(
   [sparsegpt]="tests/test_oracle_sparsegpt.py tests/test_core_sparsegpt.py"
   [snip]="tests/test_oracle_snip.py"
   [screen]="tests/test_oracle_screen.py"
+  [localize]="tests/test_oracle_localize.py tests/test_core_localize.py"
 )
 if [[ $# -gt 0 ]]; then
   tests=("$@")
