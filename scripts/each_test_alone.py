@@ -64,7 +64,9 @@ def run_alone(node: str, env: dict[str, str]) -> tuple[str, str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter, allow_abbrev=False
+    )
     ap.add_argument("paths", nargs="*", default=["tests"], help="test files or folders (tests)")
     ap.add_argument("--sample", type=int, default=0, help="run only this many, drawn at random")
     ap.add_argument("--seed", type=int, default=0, help="seed of the draw (0)")
