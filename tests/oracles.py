@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -71,6 +71,30 @@ def naive_norms(
     """Wanda's input norms the slow way (float64): ``selected_rows``' column norms."""
     seen = selected_rows(loaded, samples, tokens)
     return {n: torch.cat(xs).square().sum(dim=0).sqrt() for n, xs in seen.items()}
+
+
+def pruned_layer_by_layer(
+    loaded: LoadedModel, layer_masks: Callable[[int], dict[str, torch.Tensor]]
+) -> dict[str, torch.Tensor]:
+    """Sequential pruning the slow way: layer by layer, ``layer_masks(layer)`` gives the masks
+    of that layer's linears (computed with the layers before it pruned, i.e. zeroed), which are
+    then zeroed; every weight is put back at the end, also after an error."""
+    a = loaded.adapter
+    mods = {n: m for n, _, _, m in a.iter_linears()}
+    dense = {n: m.weight.detach().clone() for n, m in mods.items()}
+    masks: dict[str, torch.Tensor] = {}
+    try:
+        for layer in range(a.num_layers):
+            new = layer_masks(layer)
+            masks.update(new)
+            with torch.no_grad():
+                for name, mask in new.items():
+                    mods[name].weight.masked_fill_(mask, 0)
+    finally:
+        with torch.no_grad():
+            for name, mod in mods.items():
+                mod.weight.copy_(dense[name])
+    return masks
 
 
 def memory_llama() -> LoadedModel:

@@ -242,21 +242,16 @@ def test_prune_masks_on_model(tiny_llama):
 def naive_sequential(loaded, data, cfg):
     """Wanda's sequential mode the slow way: full forward passes, pruning one layer at a time."""
     a = loaded.adapter
-    dense = {n: m.weight.detach().clone() for n, _, _, m in a.iter_linears()}
-    masks = {}
-    try:
-        for layer in range(a.num_layers):
-            norms = naive_norms(loaded, data, cfg.tokens)
-            for name, l, _, mod in a.iter_linears():
-                if l == layer:
-                    masks[name] = mask_from_scores(wanda_score(mod.weight, norms[name]), cfg)
-                    with torch.no_grad():
-                        mod.weight.masked_fill_(masks[name], 0)
-    finally:
-        with torch.no_grad():
-            for name, _, _, mod in a.iter_linears():
-                mod.weight.copy_(dense[name])
-    return masks
+
+    def layer_masks(layer: int) -> dict:
+        norms = naive_norms(loaded, data, cfg.tokens)
+        return {
+            name: mask_from_scores(wanda_score(mod.weight, norms[name]), cfg)
+            for name, l, _, mod in a.iter_linears()
+            if l == layer
+        }
+
+    return oracles.pruned_layer_by_layer(loaded, layer_masks)
 
 
 def test_sequential_equals_naive_and_differs_from_one_shot(tiny_mha):

@@ -10,10 +10,10 @@ heads) and the tiny Llama-3.2-Vision (cross-attention at layer 2) are the models
 from __future__ import annotations
 
 import types
-from pathlib import Path
 
 import pytest
 import torch
+from oracles import memory_llama
 from torch import nn
 
 # imported at the top: collecting the file loads the model code once for a mutation run
@@ -33,17 +33,12 @@ from hsr_core.hooks import (
     run_layer,
     uniform_cross_mean,
 )
-from hsr_core.models import LoadedModel, ModelSpec, build_adapter
+from hsr_core.models import LoadedModel
 
 
 @pytest.fixture(scope="module")
 def llama() -> LoadedModel:
-    from hsr_core.builtin import build_tokenizer, tiny_llama_config
-
-    tok = build_tokenizer()
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(tiny_llama_config(tok)).eval()
-    return LoadedModel(ModelSpec("tiny"), Path("."), model, tok, None, build_adapter(model))
+    return memory_llama()
 
 
 def prompts(n: int) -> list[Sample]:

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+from oracles import memory_llama
 from torch import nn
 
 # imported at the top: collecting the file loads the model code once for a mutation run
@@ -30,7 +30,7 @@ from hsr_core.config import ShipsConfig
 from hsr_core.data import Sample, builtin_calibration, with_typographic_images
 from hsr_core.encoding import encode_one, iter_batches
 from hsr_core.hooks import HookSet, count_hooks
-from hsr_core.models import LoadedModel, ModelSpec, build_adapter, load_model
+from hsr_core.models import LoadedModel, load_model
 from hsr_core.progress import Cancelled
 from hsr_core.screen import (
     ScreenResult,
@@ -48,12 +48,9 @@ from hsr_core.screen import (
 
 @pytest.fixture(scope="module")
 def llama() -> LoadedModel:
-    from hsr_core.builtin import build_tokenizer, tiny_llama_config
-
-    tok = build_tokenizer()
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(tiny_llama_config(tok)).eval().double()
-    return LoadedModel(ModelSpec("tiny"), Path("."), model, tok, None, build_adapter(model))
+    loaded = memory_llama()
+    loaded.model.double()  # float64: the references here are exact to rounding
+    return loaded
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import types
 import pytest
 import torch
 import torch.nn.functional as F
-from oracles import memory_llama, slow_nm_mask, slow_row_mask
+from oracles import memory_llama, pruned_layer_by_layer, slow_nm_mask, slow_row_mask
 from torch import nn
 
 # imported here, not in the fixtures: collecting the file then loads the model code (seconds),
@@ -450,26 +450,15 @@ def slow_sequential(loaded, samples, cfg: WandaConfig) -> dict:
     """The reference's ``prune_wandg``: layer ``i``'s scores by autograd with layers ``< i``
     pruned (zeroed), its masks by per-row sorts; the weights put back at the end."""
     a = loaded.adapter
-    dense = {n: m.weight.detach().clone() for n, _, _, m in a.iter_linears()}
-    masks = {}
-    try:
-        for layer in range(a.num_layers):
-            names = [n for n, lay, _, _ in a.iter_linears() if lay == layer]
-            scores = slow_scores(loaded, samples, cfg.tokens, names=names)
-            for name, lay, _, mod in a.iter_linears():
-                if lay == layer:
-                    if cfg.structure == "n:m":
-                        masks[name] = slow_nm_mask(scores[name], cfg.n, cfg.m)
-                    else:
-                        k = int(mod.weight.shape[1] * cfg.sparsity)
-                        masks[name] = slow_row_mask(scores[name], k)
-                    with torch.no_grad():
-                        mod.weight.masked_fill_(masks[name], 0)
-    finally:
-        with torch.no_grad():
-            for name, _, _, mod in a.iter_linears():
-                mod.weight.copy_(dense[name])
-    return masks
+
+    def layer_masks(layer: int) -> dict:
+        names = [n for n, lay, _, _ in a.iter_linears() if lay == layer]
+        scores = slow_scores(loaded, samples, cfg.tokens, names=names)
+        if cfg.structure == "n:m":
+            return {n: slow_nm_mask(scores[n], cfg.n, cfg.m) for n in names}
+        return {n: slow_row_mask(scores[n], int(scores[n].shape[1] * cfg.sparsity)) for n in names}
+
+    return pruned_layer_by_layer(loaded, layer_masks)
 
 
 @pytest.mark.parametrize("structure", ["unstructured", "n:m"])

@@ -14,7 +14,14 @@ import types
 
 import pytest
 import torch
-from oracles import Spy, memory_llama, naive_norms, slow_nm_mask, slow_row_mask
+from oracles import (
+    Spy,
+    memory_llama,
+    naive_norms,
+    pruned_layer_by_layer,
+    slow_nm_mask,
+    slow_row_mask,
+)
 
 # imported here, not in the fixtures: collecting the file then loads the model code (seconds),
 # once for a mutation run's every mutant instead of once per mutant
@@ -463,22 +470,18 @@ def assert_close_norms(fast, slow):
 def naive_sequential(loaded: LoadedModel, samples, cfg: WandaConfig) -> dict[str, torch.Tensor]:
     """Wanda's sequential mode the slow way: full forward passes, one more layer pruned each."""
     a = loaded.adapter
-    dense = {n: m.weight.detach().clone() for n, _, _, m in a.iter_linears()}
-    masks = {}
-    try:
-        for layer in range(a.num_layers):
-            norms = naive_norms(loaded, samples, cfg.tokens)
-            for name, l, _, mod in a.iter_linears():
-                if l == layer:
-                    k = int(mod.weight.shape[1] * cfg.sparsity)
-                    masks[name] = slow_row_mask(wanda_score(mod.weight, norms[name]), k)
-                    with torch.no_grad():
-                        mod.weight.masked_fill_(masks[name], 0)
-    finally:
-        with torch.no_grad():
-            for name, _, _, mod in a.iter_linears():
-                mod.weight.copy_(dense[name])
-    return masks
+
+    def layer_masks(layer: int) -> dict:
+        norms = naive_norms(loaded, samples, cfg.tokens)
+        return {
+            name: slow_row_mask(
+                wanda_score(mod.weight, norms[name]), int(mod.weight.shape[1] * cfg.sparsity)
+            )
+            for name, l, _, mod in a.iter_linears()
+            if l == layer
+        }
+
+    return pruned_layer_by_layer(loaded, layer_masks)
 
 
 @pytest.mark.parametrize("tokens", ["response", "all"])
