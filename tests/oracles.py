@@ -97,15 +97,15 @@ def pruned_layer_by_layer(
     return masks
 
 
-def memory_llama() -> LoadedModel:
+def memory_llama(**overrides) -> LoadedModel:
     """The built-in tiny Llama's shape (2 layers, 4 heads, 2 KV heads, hidden 64, MLP 128),
-    built in memory with seed 0: not saved or loaded."""
+    or that config with ``overrides``, built in memory with seed 0: not saved or loaded."""
     from hsr_core.builtin import build_tokenizer, tiny_llama_config
     from hsr_core.models import ModelSpec, build_adapter
 
     tok = build_tokenizer()
     torch.manual_seed(0)
-    model = LlamaForCausalLM(tiny_llama_config(tok)).eval()
+    model = LlamaForCausalLM(tiny_llama_config(tok, **overrides)).eval()
     return LoadedModel(ModelSpec("tiny"), Path("."), model, tok, None, build_adapter(model))
 
 

@@ -13,6 +13,7 @@ import torch
 
 # the model classes once at collection, not in each mutant's test run (docs/MUTATION.md)
 import transformers.models.llama.modeling_llama  # noqa: F401
+from oracles import memory_llama
 
 from hsr_core import localize
 from hsr_core.config import RUNGS, EvalConfig, LocalizeConfig, RealignConfig, WandaConfig
@@ -59,7 +60,26 @@ def world(tiny_llama):
 @pytest.mark.parametrize("slicing", ["head", "reference"])
 @pytest.mark.parametrize("k, count", [(3, 7), (3, 150), (8, 10**9)])  # 8: every head, all back
 def test_random_head_restore_accounting_by_brute_force(world, slicing, k, count) -> None:
-    loaded, masks = world
+    check_random_head_restore(*world, slicing, k, count)
+
+
+@pytest.mark.parametrize("slicing", ["head", "reference"])
+def test_random_head_restore_accounting_when_o_proj_is_wider_than_its_heads(slicing) -> None:
+    """``hidden_size`` above ``num_heads * head_dim``: o_proj has more rows (64) than columns
+    (2 heads of 8), so a head's o_proj block spans rows its column count does not reach."""
+    loaded = memory_llama(num_attention_heads=2, num_key_value_heads=1, head_dim=8)
+    assert loaded.model.model.layers[0].self_attn.o_proj.weight.shape == (64, 16)
+    g = torch.Generator().manual_seed(5)
+    utility = {
+        n: torch.rand(m.weight.shape[1], generator=g) + 0.05
+        for n, _, _, m in loaded.adapter.iter_linears()
+    }
+    masks = prune_masks(loaded, utility, WandaConfig(sparsity=0.5))
+    check_random_head_restore(loaded, masks, slicing, 2, 10**9)
+
+
+def check_random_head_restore(loaded, masks, slicing: str, k: int, count: int) -> None:
+    """``random_head_restore``'s restore set against the head blocks written out above."""
     a = loaded.adapter
     cfg = RealignConfig(top_h=3, slicing=slicing)
     rs = localize.random_head_restore(loaded, masks, k, count, seed=4, cfg=cfg)
