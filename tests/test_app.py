@@ -711,6 +711,31 @@ def test_stop_flags_keep_a_stop_sent_after_the_job_was_queued(
     assert not flag.is_set() and flag.set_at == 10.0
 
 
+def test_a_stop_reaches_the_running_job_after_its_session_was_forgotten() -> None:
+    """gradio runs a session's ``unload`` (``events.forget``) when its heartbeat connection
+    drops, which can happen with the page still open: the running jobs keep their Stop
+    flag, a Stop from that page still reaches them, and the flag goes when the last ends
+    (before: ``forget`` dropped it, and the Stop went to a new flag no job read)."""
+    from types import SimpleNamespace
+
+    from ui import events
+    from ui.workbench import WORKBENCH
+
+    page = SimpleNamespace(session_hash="forgotten-while-running")
+    with events.stoppable(page) as first, events.stoppable(page) as second:
+        events.forget(page)  # the heartbeat dropped
+        assert page.session_hash in WORKBENCH._stops  # held by the two jobs
+        assert not first() and not second()
+        events.stop(page)
+        assert first() and second()
+    assert page.session_hash not in WORKBENCH._stops  # dropped when the last job ended
+    with events.stoppable(page) as third:  # a new job: a new flag, not stopped
+        assert not third()
+    assert page.session_hash in WORKBENCH._stops  # not forgotten this time: kept
+    events.forget(page)  # no job holds it: dropped at once
+    assert page.session_hash not in WORKBENCH._stops
+
+
 def test_the_localization_ladder_runs_through_the_api(url: str) -> None:
     """The Localize tab's /localize: refused before pruning; then every rung, in order, with
     its count of weights put back, its ASR and its Wilson interval."""

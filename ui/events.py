@@ -149,17 +149,12 @@ def user_errors(step: str) -> Callable[[Callable], Callable]:
 
 @contextmanager
 def stoppable(request: gr.Request | None) -> Iterator[Callable[[], bool]]:
-    """The session's Stop flag for a new job (``job_stop_flag``), as its ``should_stop``."""
-    yield job_stop_flag(request).is_set
-
-
-def job_stop_flag(request: gr.Request | None) -> threading.Event:
-    """The session's Stop flag for the job now starting: cleared of any Stop sent before the
-    job joined gradio's queue, set still by one sent while it waited there (behind another
-    tab's job in the model's group) so that the job stops at its first check."""
-    flag = WORKBENCH.stop_event(getattr(request, "session_hash", None))
-    flag.clear_before(enqueued_at())
-    return flag
+    """The session's Stop flag for the job now starting, as its ``should_stop``, held until
+    the job ends (``Workbench.job_stop``): cleared of any Stop sent before the job joined
+    gradio's queue, set still by one sent while it waited there (behind another tab's job
+    in the model's group) so that the job stops at its first check."""
+    with WORKBENCH.job_stop(getattr(request, "session_hash", None), enqueued_at()) as flag:
+        yield flag.is_set
 
 
 def enqueued_at() -> float:

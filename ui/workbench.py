@@ -19,8 +19,9 @@ import math
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -237,8 +238,37 @@ class Workbench:
         with self._stops_lock:
             return self._stops.setdefault(session_hash or "", StopFlag())
 
+    @contextmanager
+    def job_stop(self, session_hash: str | None, since: float) -> Iterator[StopFlag]:
+        """The session's Stop flag for a job queued at ``since``, held until the job ends.
+
+        The flag is cleared of a Stop sent before ``since`` (``StopFlag.clear_before``). While
+        a job holds it, ``forget`` keeps it: gradio runs a session's ``unload`` when its
+        heartbeat connection drops, which can happen with the page still open, and a Stop
+        from that page must still reach the running job.
+        """
+        key = session_hash or ""
+        with self._stops_lock:
+            flag = self._stops.setdefault(key, StopFlag())
+            flag.jobs += 1
+        flag.clear_before(since)
+        try:
+            yield flag
+        finally:
+            with self._stops_lock:
+                flag.jobs -= 1
+                if not flag.jobs and flag.forgotten and self._stops.get(key) is flag:
+                    del self._stops[key]
+
     def forget(self, session_hash: str | None) -> None:
-        self._stops.pop(session_hash or "", None)
+        """Drop a closed session's Stop flag, at once or when the last job holding it ends."""
+        key = session_hash or ""
+        with self._stops_lock:
+            flag = self._stops.get(key)
+            if flag is not None and flag.jobs:
+                flag.forgotten = True
+            else:
+                self._stops.pop(key, None)
 
 
 class StopFlag(threading.Event):
@@ -250,6 +280,10 @@ class StopFlag(threading.Event):
         self._guard = threading.Lock()
         self.set_at = -math.inf
         """``time.monotonic()`` of the last ``set``."""
+        self.jobs = 0
+        """Running jobs holding the flag (``Workbench.job_stop``)."""
+        self.forgotten = False
+        """The session ended while a job held the flag: dropped when the last one ends."""
 
     def set(self) -> None:
         with self._guard:

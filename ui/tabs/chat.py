@@ -248,34 +248,34 @@ def _turn(
     earlier, turns = turns, [*turns, turn]
     yield {**_columns(turns), "chat_msg": "", "chat_state": turns, "chat_turn": turn}
 
-    stop_flag = events.job_stop_flag(request)
     jobs = [(v, history_for(earlier, v, message)) for v in VARIANTS if answers[v]["settings"]]
-    for r in pipeline.stream_columns(
-        lambda: WORKBENCH.install(state),
-        jobs,
-        settings,
-        runner=MODEL_THREAD,
-        image=picture,
-        should_stop=stop_flag.is_set,
-        lock=WORKBENCH.lock,
-        min_interval=STREAM_INTERVAL_S,
-    ):
-        a = answers[r.variant]
-        a.update(status="generating", text=r.text)
-        if r.done:
-            cls = pipeline.classify(r.text, CHAT_JUDGE)
-            a.update(
-                status="stopped" if r.stopped else "answered",
-                verdict=cls,
-                refusal=cls == "refused",
-                tokens=r.tokens,
-                seconds=round(r.seconds, 3),
-                tokens_per_s=round(r.tokens / r.seconds, 2) if r.seconds > 0 else None,
-                stopped=r.stopped,
-            )
-            if not r.stopped and a["refusal"]:
-                a["status"] = "refused"
-        yield {f"chat_{r.variant}": render(turns, r.variant)}
+    with events.stoppable(request) as should_stop:  # held until the last answer
+        for r in pipeline.stream_columns(
+            lambda: WORKBENCH.install(state),
+            jobs,
+            settings,
+            runner=MODEL_THREAD,
+            image=picture,
+            should_stop=should_stop,
+            lock=WORKBENCH.lock,
+            min_interval=STREAM_INTERVAL_S,
+        ):
+            a = answers[r.variant]
+            a.update(status="generating", text=r.text)
+            if r.done:
+                cls = pipeline.classify(r.text, CHAT_JUDGE)
+                a.update(
+                    status="stopped" if r.stopped else "answered",
+                    verdict=cls,
+                    refusal=cls == "refused",
+                    tokens=r.tokens,
+                    seconds=round(r.seconds, 3),
+                    tokens_per_s=round(r.tokens / r.seconds, 2) if r.seconds > 0 else None,
+                    stopped=r.stopped,
+                )
+                if not r.stopped and a["refusal"]:
+                    a["status"] = "refused"
+            yield {f"chat_{r.variant}": render(turns, r.variant)}
     for a in answers.values():
         if a["status"] in ("queued", "generating"):
             a["status"] = "skipped"

@@ -147,8 +147,7 @@ def evaluate(
     judge = judge or "keyword"
     cfg = EvalConfig(max_new_tokens=int(max_new_tokens), batch_size=int(batch_size), judge=judge)
     samples, label = eval_samples(source, upload, num_prompts)
-    stop_flag = events.job_stop_flag(request)
-    with WORKBENCH.lock:
+    with WORKBENCH.lock, events.stoppable(request) as should_stop:
         WORKBENCH.require(state)
         guard = judge_for(judge, judge_model)
         variants = WORKBENCH.install(state)
@@ -159,7 +158,7 @@ def evaluate(
                 cfg,
                 which=variants.available(),
                 judge=guard,
-                should_stop=stop_flag.is_set,
+                should_stop=should_stop,
             )
         except pipeline.Cancelled:
             return {"eval_msg": "**Stopped.** Earlier results are kept."}
