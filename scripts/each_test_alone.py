@@ -3,6 +3,7 @@
     python scripts/each_test_alone.py                       # every test (hours on 2 cores)
     python scripts/each_test_alone.py --sample 100 --seed 3  # 100 tests drawn at random
     python scripts/each_test_alone.py tests/test_core_heads.py --jobs 2
+    python scripts/each_test_alone.py --fork --jobs 2          # every test, about 1 hour
 
 Collects the tests (``pytest --collect-only -q``), runs each node id alone
 (``pytest -p no:cacheprovider -q NODEID``), and prints one line per test (its outcome and
@@ -10,21 +11,32 @@ seconds) and a summary with every failure's command; the exit status is 1 when a
 alone. ``--exclude`` leaves out files by substring (default: the browser tests, which start a
 browser and an app per process; pass ``--exclude ''`` to keep them). Torch runs one thread
 per process (``OMP_NUM_THREADS=1``) unless the environment says otherwise.
+
+``--fork`` imports the third-party libraries once (torch, numpy, transformers, gradio,
+plotly: about 12 s of each fresh process on 2 cores) and forks a child per test, which runs
+``pytest.main`` on that one node id and exits. Each child still collects its test file,
+builds every fixture and runs one test and nothing else; only those libraries' import is
+shared, not hsr_core, ui or the tests (they are imported in the child).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import random
 import re
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+# imported once by --fork before the children; nothing of this project
+PREIMPORTED = ("numpy", "torch", "transformers", "gradio", "plotly.graph_objects")
 
 
 def collect(paths: list[str]) -> list[str]:
@@ -52,15 +64,59 @@ def run_alone(node: str, env: dict[str, str]) -> tuple[str, str, float]:
         capture_output=True,
         text=True,
     )
-    seconds = time.monotonic() - t0
-    summary = out.stdout.strip().splitlines()[-1] if out.stdout.strip() else ""
+    return node, outcome_of(out.stdout, out.returncode), time.monotonic() - t0
+
+
+def outcome_of(stdout: str, returncode: int) -> str:
+    """pytest's last summary word (passed, failed, skipped, xfailed, xpassed, error), the
+    worst one where the summary names failures, or ``exit N`` when no summary came."""
+    summary = stdout.strip().splitlines()[-1] if stdout.strip() else ""
     words = re.findall(r"\d+ (passed|failed|skipped|xfailed|xpassed|errors?)", summary)
     bad = {"failed", "error", "errors"} & set(words)
-    if out.returncode not in (0, 5) or bad:
-        outcome = sorted(bad)[0] if bad else f"exit {out.returncode}"
-    else:
-        outcome = words[0] if words else f"exit {out.returncode}"
-    return node, outcome, seconds
+    if returncode not in (0, 5) or bad:
+        return sorted(bad)[0] if bad else f"exit {returncode}"
+    return words[0] if words else f"exit {returncode}"
+
+
+def run_forked(
+    nodes: list[str], jobs: int, env: dict[str, str]
+) -> Iterator[tuple[str, str, float]]:
+    """``(node, outcome, seconds)`` for each node, in the order they finish: up to ``jobs``
+    forked children at a time, each running ``pytest.main`` on one node id."""
+    os.environ.clear()
+    os.environ.update(env)
+    os.chdir(ROOT)
+    sys.path.insert(0, str(ROOT))  # as ``python -m pytest`` does
+    for name in PREIMPORTED:
+        importlib.import_module(name)
+    queue, running = list(nodes), {}
+    while queue or running:
+        while queue and len(running) < jobs:
+            node = queue.pop(0)
+            fd, log = tempfile.mkstemp(prefix="alone-", suffix=".log")
+            sys.stdout.flush()
+            sys.stderr.flush()
+            t0 = time.monotonic()
+            pid = os.fork()
+            if pid == 0:  # the child: one test, its output in the log, then exit
+                code = 3
+                try:
+                    os.dup2(fd, 1)
+                    os.dup2(fd, 2)
+                    import pytest
+
+                    code = int(pytest.main(["-q", "-p", "no:cacheprovider", node]))
+                finally:
+                    sys.stdout.flush()
+                    sys.stderr.flush()
+                    os._exit(code)
+            os.close(fd)
+            running[pid] = (node, t0, log)
+        pid, status = os.wait()
+        node, t0, log = running.pop(pid)
+        text = Path(log).read_text(errors="replace")
+        os.unlink(log)
+        yield node, outcome_of(text, os.waitstatus_to_exitcode(status)), time.monotonic() - t0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,6 +127,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sample", type=int, default=0, help="run only this many, drawn at random")
     ap.add_argument("--seed", type=int, default=0, help="seed of the draw (0)")
     ap.add_argument("--jobs", type=int, default=1, help="tests run side by side (1)")
+    ap.add_argument(
+        "--fork",
+        action="store_true",
+        help="import torch, transformers, gradio and plotly once and fork a child per test",
+    )
     ap.add_argument(
         "--exclude",
         default="test_browser.py",
@@ -91,7 +152,11 @@ def main(argv: list[str] | None = None) -> int:
     failed: list[str] = []
     start = time.monotonic()
     with ThreadPoolExecutor(args.jobs) as pool:
-        for i, (node, outcome, seconds) in enumerate(pool.map(lambda n: run_alone(n, env), ids), 1):
+        if args.fork:
+            results = run_forked(ids, args.jobs, env)
+        else:
+            results = pool.map(lambda n: run_alone(n, env), ids)
+        for i, (node, outcome, seconds) in enumerate(results, 1):
             print(f"[{i}/{len(ids)}] {outcome:8} {seconds:6.1f} s  {node}", flush=True)
             if outcome not in ("passed", "skipped", "xfailed", "xpassed"):
                 failed.append(node)

@@ -100,6 +100,17 @@ FRAME_COUNTER = """() => {
 """Counts the page's animation frames (``window.__hsrFrames``): a page that draws nothing while
 a test waits on it shows as a count that stops growing."""
 
+ON_TOP = """(el) => {
+    const r = el.getBoundingClientRect();
+    const x = r.left + r.width / 2, y = r.top + r.height / 2;
+    const top = document.elementFromPoint(x, y);
+    const what = !top ? "nothing (outside the window)"
+        : (top === el || el.contains(top)) ? "the button"
+        : `${top.tagName.toLowerCase()}#${top.id}.${String(top.className).split(" ").join(".")}`;
+    return `centre (${Math.round(x)}, ${Math.round(y)}) of ${innerWidth}x${innerHeight}: ${what}`;
+}"""
+"""What a click at the centre of an element would reach: the element, or what covers it."""
+
 
 def shot(page, name: str) -> None:
     SHOTS.mkdir(parents=True, exist_ok=True)
@@ -726,13 +737,15 @@ def test_progress_and_stop(fresh_page, tmp_path_factory: pytest.TempPathFactory)
     page.screenshot(path=str(SHOTS / "app-progress.png"))
     step("screenshot")
     stop = page.get_by_role("button", name="Stop").locator("visible=true")
+    step(f"Stop's {stop.evaluate(ON_TOP)}")
     took_click = True
     try:
         stop.click(timeout=15_000)
         step("clicked Stop")
-    except PlaywrightTimeoutError:  # the page did not take the click: send it as an event
+    except PlaywrightTimeoutError as e:  # the page did not take the click: send it as an event
         took_click = False
-        step("click on Stop timed out")
+        step(f"click on Stop timed out: {' | '.join(str(e).splitlines()[-6:])}")
+        step(f"Stop's {stop.evaluate(ON_TOP)}")
         stop.dispatch_event("click")
         step("dispatched a click event")
     status = page.locator("#hsr-ships-status")
@@ -741,6 +754,7 @@ def test_progress_and_stop(fresh_page, tmp_path_factory: pytest.TempPathFactory)
     except AssertionError as e:
         raise AssertionError(f"{e}\nsteps: {'; '.join(steps)}") from None
     step("stopped")
+    print("test_progress_and_stop:", "; ".join(steps))  # shown by -rA or -s
     if not took_click:
         warnings.warn(f"the page did not take the click on Stop: {'; '.join(steps)}", stacklevel=1)
     expect(page.get_by_role("button", name="Run Ships attribution")).to_be_enabled()
