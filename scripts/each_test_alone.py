@@ -36,6 +36,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 # imported once by --fork before the children; nothing of this project
+TAIL_LINES = 40
+"""Lines of a failed test's output printed under it."""
 PREIMPORTED = ("numpy", "torch", "transformers", "gradio", "plotly.graph_objects")
 
 
@@ -53,8 +55,8 @@ def collect(paths: list[str]) -> list[str]:
     return ids
 
 
-def run_alone(node: str, env: dict[str, str]) -> tuple[str, str, float]:
-    """``(node, outcome, seconds)``; outcome is pytest's last summary word (passed, failed,
+def run_alone(node: str, env: dict[str, str]) -> tuple[str, str, float, str]:
+    """``(node, outcome, seconds, output)``; outcome is pytest's last summary word (passed, failed,
     skipped, xfailed, xpassed, error) or ``exit N`` when no summary came."""
     t0 = time.monotonic()
     out = subprocess.run(
@@ -64,7 +66,8 @@ def run_alone(node: str, env: dict[str, str]) -> tuple[str, str, float]:
         capture_output=True,
         text=True,
     )
-    return node, outcome_of(out.stdout, out.returncode), time.monotonic() - t0
+    text = out.stdout + out.stderr
+    return node, outcome_of(out.stdout, out.returncode), time.monotonic() - t0, text
 
 
 def outcome_of(stdout: str, returncode: int) -> str:
@@ -80,8 +83,8 @@ def outcome_of(stdout: str, returncode: int) -> str:
 
 def run_forked(
     nodes: list[str], jobs: int, env: dict[str, str]
-) -> Iterator[tuple[str, str, float]]:
-    """``(node, outcome, seconds)`` for each node, in the order they finish: up to ``jobs``
+) -> Iterator[tuple[str, str, float, str]]:
+    """``(node, outcome, seconds, output)`` for each node, in the order they finish: up to ``jobs``
     forked children at a time, each running ``pytest.main`` on one node id."""
     os.environ.clear()
     os.environ.update(env)
@@ -116,7 +119,8 @@ def run_forked(
         node, t0, log = running.pop(pid)
         text = Path(log).read_text(errors="replace")
         os.unlink(log)
-        yield node, outcome_of(text, os.waitstatus_to_exitcode(status)), time.monotonic() - t0
+        code = os.waitstatus_to_exitcode(status)
+        yield node, outcome_of(text, code), time.monotonic() - t0, text
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -156,10 +160,12 @@ def main(argv: list[str] | None = None) -> int:
             results = run_forked(ids, args.jobs, env)
         else:
             results = pool.map(lambda n: run_alone(n, env), ids)
-        for i, (node, outcome, seconds) in enumerate(results, 1):
+        for i, (node, outcome, seconds, output) in enumerate(results, 1):
             print(f"[{i}/{len(ids)}] {outcome:8} {seconds:6.1f} s  {node}", flush=True)
             if outcome not in ("passed", "skipped", "xfailed", "xpassed"):
                 failed.append(node)
+                tail = "\n".join(output.strip().splitlines()[-TAIL_LINES:])
+                print(f"    its output's last {TAIL_LINES} lines:\n{tail}", flush=True)
     print(
         f"--- {len(ids) - len(failed)} of {len(ids)} pass alone ({time.monotonic() - start:.0f} s)"
     )

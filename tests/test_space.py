@@ -22,6 +22,7 @@ matter and its "Deploy as a Space" section are checked against the same facts.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import re
@@ -51,6 +52,10 @@ SPACE_ID = "hsr-tests/space-simulation"
 def space_venv() -> Path:
     """A virtual environment with ``requirements.txt`` alone, made once per requirements.
 
+    Made under a file lock: two test processes at once (``scripts/each_test_alone.py
+    --jobs 2``) would otherwise both find it missing, and one delete the other's half-made
+    environment as an old key's.
+
     Returns:
         The environment's folder (``.cache/space-venv-<key>``); older keys are deleted.
     """
@@ -62,9 +67,17 @@ def space_venv() -> Path:
     done = venv / ".hsr-space-venv.json"
     if done.is_file():
         return venv
+    cache.mkdir(exist_ok=True)
+    with open(cache / "space-venv.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not done.is_file():  # another process may have made it while this one waited
+            make_space_venv(cache, venv, done)
+    return venv
+
+
+def make_space_venv(cache: Path, venv: Path, done: Path) -> None:
     for old in cache.glob("space-venv-*"):
         shutil.rmtree(old, ignore_errors=True)
-    cache.mkdir(exist_ok=True)
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
     install = subprocess.run(
@@ -76,7 +89,6 @@ def space_venv() -> Path:
     assert install.returncode == 0, install.stderr[-4000:]
     seconds = round(time.perf_counter() - t0, 1)
     done.write_text(json.dumps({"requirements": str(REQUIREMENTS), "install_s": seconds}))
-    return venv
 
 
 @pytest.fixture(scope="module")
